@@ -1,0 +1,5 @@
+import sys
+
+from vmtrace.cli import main
+
+sys.exit(main())
