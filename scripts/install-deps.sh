@@ -9,6 +9,7 @@ set -euo pipefail
 PACKAGES=(
   qemu-system-x86 linux-image-cloud-amd64 busybox-static trace-cmd kernelshark
   gcc make cpio gzip python3-venv
+  chromium  # headless screenshots of the HTML timeline in tests
 )
 PACKAGES+=(${VMTRACE_EXTRA_PACKAGES:-})
 
