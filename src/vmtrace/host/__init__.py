@@ -1,0 +1,1 @@
+"""The host side: guest directories (layout), the drain loop, and recording sessions."""
