@@ -1,0 +1,71 @@
+"""The guest's workloads: the fixed reference programs, compiled static for busybox.
+
+They come from the shared bench directory (never edited) so that a score measured in
+the guest means the same thing as one measured by the benchmarks on the host.
+Static linking keeps them independent of whatever libc the image carries.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from vmtrace.errors import VmtraceError
+
+WORKLOADS = {"pingpong": "pingpong.c", "intloop": "intloop.c"}
+
+
+def bench_dir() -> Path:
+    """Where the reference C files live; $VMTRACE_BENCH_DIR overrides."""
+    env = os.environ.get("VMTRACE_BENCH_DIR")
+    if env:
+        return Path(env)
+    for cand in (Path(__file__).resolve().parents[3] / "bench",
+                 Path("/work/shared/bench")):
+        if (cand / "pingpong.c").is_file():
+            return cand
+    raise VmtraceError("cannot find the reference workloads pingpong.c and intloop.c; "
+                       "set VMTRACE_BENCH_DIR to their directory")
+
+
+def sources() -> dict[str, Path]:
+    root = bench_dir()
+    out = {}
+    for name, src in WORKLOADS.items():
+        path = root / src
+        if not path.is_file():
+            raise VmtraceError(f"workload source {path} not found")
+        out[name] = path
+    return out
+
+
+def fingerprint() -> str:
+    """Changes when a source or the compiler changes, so the cached image is rebuilt."""
+    h = hashlib.sha256()
+    for name, path in sorted(sources().items()):
+        h.update(name.encode() + b"\0" + path.read_bytes())
+    try:
+        ver = subprocess.run(["gcc", "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VmtraceError(f"gcc is needed to build the guest workloads: {exc}") from exc
+    h.update(ver)
+    return h.hexdigest()
+
+
+def compile_all(outdir: Path) -> dict[str, Path]:
+    """Build each workload as a static binary in `outdir`."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    built = {}
+    for name, src in sources().items():
+        exe = outdir / name
+        cmd = ["gcc", "-O2", "-static", "-o", str(exe), str(src)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise VmtraceError(f"cannot compile {src}: {exc}") from exc
+        if res.returncode != 0:
+            first = (res.stderr.strip().splitlines() or ["?"])[0]
+            raise VmtraceError(f"compiling {src} failed: {first}")
+        built[name] = exe
+    return built
