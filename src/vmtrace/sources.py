@@ -1,0 +1,64 @@
+"""Opening any recorded input as a TraceSource, so the decoder never asks what it is.
+
+A trace.dat (v6 or v7, from trace-cmd or from our recorder) and a raw directory (agent
+output or recorder spool) give the same interface: metadata blobs, decoded options and
+per-buffer, per-CPU page streams. The kind is decided by content (magic bytes, the
+``metadata/`` directory), never by file name.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+from vmtrace.errors import FormatError
+from vmtrace.format import Buffer, CpuData, TraceSource
+
+__all__ = ["open_source", "source_metadata", "TraceSource", "Buffer", "CpuData"]
+
+_NAME_LINE = re.compile(rb"^name:\s*(\S+)", re.M)
+
+
+def open_source(path: str | os.PathLike) -> TraceSource:
+    """A trace.dat file or a raw directory as a TraceSource; FormatError otherwise."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        from vmtrace.rawdir import RawDir, is_rawdir
+        if not is_rawdir(p):
+            raise FormatError("directory is not a raw trace directory (no metadata/)", source=p)
+        return RawDir(p)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(10)
+    except OSError as e:
+        raise FormatError(f"cannot open: {e.strerror}", source=p) from None
+    from vmtrace.format.tracedat_read import MAGIC, TraceDat
+    if head != MAGIC:
+        raise FormatError("neither a trace.dat file (bad magic) nor a raw directory",
+                          source=p, offset=0)
+    return TraceDat(p)
+
+
+def _event_name(text: bytes) -> Optional[str]:
+    m = _NAME_LINE.search(text)
+    return m.group(1).decode("ascii", "replace") if m else None
+
+
+def source_metadata(src: TraceSource) -> dict[str, bytes]:
+    """The source's metadata under raw-directory names (the writer's input).
+
+    Lets any input be re-written as a trace.dat or a raw directory. Ftrace's internal
+    formats go under ``events/ftrace/NAME/format``, as they sit in tracefs.
+    """
+    md: dict[str, bytes] = {"header_page": src.header_page, "header_event": src.header_event}
+    if src.cmdlines:
+        md["saved_cmdlines"] = src.cmdlines
+    if src.printk_formats:
+        md["printk_formats"] = src.printk_formats
+    if src.kallsyms:
+        md["kallsyms"] = src.kallsyms
+    for i, text in enumerate(src.ftrace_formats):
+        md[f"events/ftrace/{_event_name(text) or f'unnamed{i}'}/format"] = text
+    for i, (system, text) in enumerate(src.event_formats):
+        md[f"events/{system}/{_event_name(text) or f'unnamed{i}'}/format"] = text
+    return md
