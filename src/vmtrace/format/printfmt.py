@@ -1,0 +1,1070 @@
+"""Compile an event's ``print fmt`` into a Python function that renders it.
+
+The kernel describes how to print each event as a C format string plus C argument
+expressions (``REC->field``, ``__print_flags(...)``, casts, ternaries...). trace-cmd
+interprets that text with libtraceevent every time it prints an event. We instead
+translate it once per event type into Python source and ``exec`` it, so printing an
+event costs one call and one ``%`` operation: that is what lets text output keep pace
+with trace-cmd.
+
+Where C and libtraceevent have a particular behaviour we copy the behaviour, not the
+code: integers are masked to the width the conversion implies (``%d`` of a u64 prints
+the low 32 bits, signed), ``%p`` of zero prints ``(nil)``, ``%s`` of a pointer-sized
+field looks the address up in ``printk_formats``, ``__print_flags`` leaves unknown bits
+as ``0x...``. A print fmt libtraceevent cannot handle (an unknown helper function) is
+marked ``failed`` so the renderer can print ``[FAILED TO PARSE]`` like trace-cmd does.
+
+Guest data is untrusted: the generated code never indexes outside what it was given,
+and the compiler raises FormatError (one line) on text it cannot parse.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from vmtrace.errors import FormatError
+
+M64 = (1 << 64) - 1
+M32 = (1 << 32) - 1
+
+# Symbol resolution the renderer injects: address -> (name, start address) or None;
+# and printk_formats: address -> string or None.
+SymbolLookup = Callable[[int], Optional[tuple]]
+PrintkLookup = Callable[[int], Optional[str]]
+
+# Limits that keep a hostile format or payload from costing unbounded time or memory.
+MAX_PRINT_FMT = 256 * 1024
+MAX_HEX_BYTES = 64 * 1024
+MAX_DEPTH = 200
+
+
+# --------------------------------------------------------------------------- tokens
+
+_TOKEN = re.compile(
+    r"""
+    (?P<ws>\s+)
+  | (?P<num>0[xX][0-9a-fA-F]+[uUlL]*|[0-9]+[uUlL]*)
+  | (?P<str>"(?:[^"\\]|\\.)*")
+  | (?P<chr>'(?:[^'\\]|\\.)+')
+  | (?P<id>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>->|<<|>>|<=|>=|==|!=|&&|\|\||[-+*/%&|^~!<>?:,(){}\[\].])
+    """,
+    re.VERBOSE,
+)
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0",
+            "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+
+
+def _unescape(body: str) -> str:
+    out = []
+    i = 0
+    n = len(body)
+    while i < n:
+        c = body[i]
+        if c == "\\" and i + 1 < n:
+            nxt = body[i + 1]
+            if nxt == "x":
+                m = re.match(r"[0-9a-fA-F]{1,2}", body[i + 2:])
+                if m:
+                    out.append(chr(int(m.group(0), 16)))
+                    i += 2 + len(m.group(0))
+                    continue
+            out.append(_ESCAPES.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _tokenize(text: str) -> list[tuple[str, str]]:
+    toks = []
+    pos = 0
+    n = len(text)
+    while pos < n:
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise FormatError(f"print fmt: unexpected character {text[pos]!r} at column {pos}")
+        kind = m.lastgroup
+        if kind != "ws":
+            toks.append((kind, m.group(0)))
+        pos = m.end()
+    return toks
+
+
+# --------------------------------------------------------------------------- parser
+# AST nodes are tuples: ("num", int) ("str", s) ("atom", name) ("field", name)
+# ("call", name, [args]) ("brace", [items]) ("cast", (bits, signed) | None, e)
+# ("un", op, e) ("bin", op, a, b) ("tern", c, a, b) ("index", e, i)
+
+_TYPE_WORDS = {
+    "unsigned", "signed", "int", "long", "short", "char", "void", "bool", "_Bool",
+    "struct", "enum", "union", "const", "volatile",
+    "u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64",
+    "__u8", "__u16", "__u32", "__u64", "__s8", "__s16", "__s32", "__s64",
+}
+
+_TYPEDEF_SIZES = {
+    "u8": (8, False), "u16": (16, False), "u32": (32, False), "u64": (64, False),
+    "__u8": (8, False), "__u16": (16, False), "__u32": (32, False), "__u64": (64, False),
+    "s8": (8, True), "s16": (16, True), "s32": (32, True), "s64": (64, True),
+    "__s8": (8, True), "__s16": (16, True), "__s32": (32, True), "__s64": (64, True),
+    "bool": (8, False), "_Bool": (8, False), "gfp_t": (32, False), "pid_t": (32, True),
+    "size_t": (64, False), "ssize_t": (64, True), "dev_t": (32, False),
+    "__le16": (16, False), "__le32": (32, False), "__le64": (64, False),
+    "__be16": (16, False), "__be32": (32, False), "__be64": (64, False),
+    "uint8_t": (8, False), "uint16_t": (16, False), "uint32_t": (32, False),
+    "uint64_t": (64, False), "int8_t": (8, True), "int16_t": (16, True),
+    "int32_t": (32, True), "int64_t": (64, True), "loff_t": (64, True),
+    "sector_t": (64, False), "blk_opf_t": (32, False), "ino_t": (64, False),
+    "uint": (32, False), "ulong": (64, False), "ushort": (16, False), "uchar": (8, False),
+}
+
+_SIZEOF = {"int": 4, "unsigned": 4, "long": 8, "short": 2, "char": 1,
+           "u64": 8, "__u64": 8, "s64": 8, "__s64": 8, "u32": 4, "__u32": 4, "s32": 4,
+           "__s32": 4, "u16": 2, "__u16": 2, "s16": 2, "__s16": 2, "u8": 1, "__u8": 1,
+           "s8": 1}
+
+_BINARY_PREC = {
+    "||": 1, "&&": 2, "|": 3, "^": 4, "&": 5, "==": 6, "!=": 6,
+    "<": 7, ">": 7, "<=": 7, ">=": 7, "<<": 8, ">>": 8, "+": 9, "-": 9,
+    "*": 10, "/": 10, "%": 10,
+}
+
+
+def _type_of(words: list[str], pointer: bool) -> Optional[tuple[int, bool]]:
+    """(bits, signed) of a C type named by ``words``, None when unknown (no-op cast)."""
+    if pointer:
+        return (64, False)
+    ws = [w for w in words if w not in ("const", "volatile")]
+    if not ws:
+        return None
+    if ws[0] in ("struct", "enum", "union"):
+        return (32, True) if ws[0] == "enum" else None
+    if len(ws) == 1 and ws[0] in _TYPEDEF_SIZES:
+        return _TYPEDEF_SIZES[ws[0]]
+    signed = "unsigned" not in ws
+    if "char" in ws:
+        return (8, signed)
+    if "short" in ws:
+        return (16, signed)
+    if ws.count("long") >= 1:
+        return (64, signed)
+    if "int" in ws or ws in (["unsigned"], ["signed"]):
+        return (32, signed)
+    return None
+
+
+class _Parser:
+    def __init__(self, toks: list[tuple[str, str]]):
+        self.toks = toks
+        self.i = 0
+        self.depth = 0
+
+    def peek(self, k: int = 0) -> tuple[str, str]:
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else ("eof", "")
+
+    def take(self) -> tuple[str, str]:
+        t = self.peek()
+        self.i += 1
+        return t
+
+    def expect(self, text: str) -> None:
+        t = self.take()
+        if t[1] != text:
+            raise FormatError(f"print fmt: expected {text!r}, found {t[1] or 'end'!r}")
+
+    def args(self) -> list:
+        out = []
+        while self.peek()[0] != "eof":
+            out.append(self.expr())
+            if self.peek()[1] == ",":
+                self.take()
+            elif self.peek()[0] != "eof":
+                raise FormatError(f"print fmt: unexpected {self.peek()[1]!r} after argument")
+        return out
+
+    def expr(self, min_prec: int = 0):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FormatError("print fmt: expression nested too deeply")
+        left = self.unary()
+        while True:
+            kind, tok = self.peek()
+            if kind == "op" and tok == "?" and min_prec == 0:
+                self.take()
+                a = self.expr()
+                self.expect(":")
+                b = self.expr()
+                left = ("tern", left, a, b)
+                continue
+            prec = _BINARY_PREC.get(tok) if kind == "op" else None
+            if prec is None or prec < min_prec:
+                break
+            self.take()
+            right = self.expr(prec + 1)
+            left = ("bin", tok, left, right)
+        self.depth -= 1
+        return left
+
+    def _cast_ahead(self) -> Optional[int]:
+        """If a cast starts at '(' here, return the index of its ')'."""
+        j = self.i + 1
+        words = []
+        while j < len(self.toks):
+            kind, tok = self.toks[j]
+            if kind == "id":
+                words.append(tok)
+            elif tok == "*" and words:
+                pass
+            elif tok == ")":
+                break
+            else:
+                return None
+            j += 1
+        else:
+            return None
+        if not words:
+            return None
+        first = words[0]
+        nxt = self.toks[j + 1] if j + 1 < len(self.toks) else ("eof", "")
+        if first in _TYPE_WORDS or first.endswith("_t") or first in _TYPEDEF_SIZES:
+            if nxt[0] in ("id", "num", "str", "chr") or nxt[1] in ("(", "~", "!", "-"):
+                return j
+            return None
+        # "(uint)(x)": an unknown name in parentheses followed by an operand is a cast
+        if first != "REC" and (nxt[0] in ("id", "num") or nxt[1] == "("):
+            return j
+        return None
+
+    def unary(self):
+        kind, tok = self.peek()
+        if kind == "op" and tok in ("-", "+", "!", "~", "*", "&"):
+            self.take()
+            return ("un", tok, self.unary())
+        if kind == "op" and tok == "(":
+            close = self._cast_ahead()
+            if close is not None:
+                words = [t for k, t in self.toks[self.i + 1:close] if k == "id"]
+                pointer = any(t == "*" for _, t in self.toks[self.i + 1:close])
+                self.i = close + 1
+                return ("cast", _type_of(words, pointer), self.unary())
+        if kind == "id" and tok == "sizeof":
+            self.take()
+            return ("num", self.sizeof())
+        return self.postfix(self.primary())
+
+    def sizeof(self) -> int:
+        self.expect("(")
+        words = []
+        depth = 1
+        while True:
+            kind, tok = self.take()
+            if kind == "eof":
+                raise FormatError("print fmt: unterminated sizeof")
+            if tok == "(":
+                depth += 1
+            elif tok == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+            words.append(tok)
+        if "*" in words:
+            return 8
+        for w in words:
+            if w == "long" and words.count("long") >= 1:
+                return 8
+            if w in _SIZEOF:
+                return _SIZEOF[w]
+        raise _Unsupported(f"sizeof({' '.join(words)})")
+
+    def primary(self):
+        kind, tok = self.take()
+        if kind == "num":
+            return ("num", int(tok.rstrip("uUlL"), 0) if not re.fullmatch(r"0[0-7]+[uUlL]*", tok)
+                    else int(tok.rstrip("uUlL"), 8))
+        if kind == "str":
+            s = _unescape(tok[1:-1])
+            while self.peek()[0] == "str":
+                s += _unescape(self.take()[1][1:-1])
+            return ("str", s)
+        if kind == "chr":
+            body = _unescape(tok[1:-1])
+            return ("num", ord(body[0]) if body else 0)
+        if kind == "id":
+            if tok == "REC" and self.peek()[1] == "->":
+                self.take()
+                k2, name = self.take()
+                if k2 != "id":
+                    raise FormatError("print fmt: expected a field name after REC->")
+                return ("field", name)
+            if self.peek()[1] == "(":
+                self.take()
+                args = []
+                if self.peek()[1] != ")":
+                    while True:
+                        args.append(self.expr())
+                        if self.peek()[1] == ",":
+                            self.take()
+                            continue
+                        break
+                self.expect(")")
+                return ("call", tok, args)
+            return ("atom", tok)
+        if tok == "(":
+            e = self.expr()
+            self.expect(")")
+            return e
+        if tok == "{":
+            items = []
+            while self.peek()[1] != "}":
+                items.append(self.expr())
+                if self.peek()[1] == ",":
+                    self.take()
+                elif self.peek()[1] != "}":
+                    raise FormatError(f"print fmt: unexpected {self.peek()[1]!r} in {{...}}")
+            self.take()
+            return ("brace", items)
+        raise FormatError(f"print fmt: unexpected {tok or 'end of text'!r}")
+
+    def postfix(self, node):
+        while True:
+            tok = self.peek()[1]
+            if tok == "[":
+                self.take()
+                idx = self.expr()
+                self.expect("]")
+                node = ("index", node, idx)
+            elif tok in ("->", ".") and self.peek(1)[0] == "id":
+                self.take()
+                name = self.take()[1]
+                if node == ("atom", "REC") and tok == "->":
+                    node = ("field", name)
+                else:
+                    node = ("member", node, name)
+            elif tok in ("->", "."):
+                raise FormatError(f"print fmt: expected a name after {tok!r}")
+            else:
+                return node
+
+
+class _Unsupported(Exception):
+    """Something libtraceevent would also refuse; the event prints as FAILED TO PARSE."""
+
+
+# --------------------------------------------------------------------------- format string
+
+_SPEC = re.compile(r"%([-+ #0]*)(\*|\d+)?(?:\.(\*|\d+))?(hh|h|ll|l|L|z|Z|j|t)?([diouxXcspn%])")
+
+
+@dataclass
+class _Conv:
+    flags: str
+    width: Optional[str]
+    prec: Optional[str]
+    length: str
+    conv: str
+    ext: str = ""       # pointer extension: S s F f M m I4 U h ...
+
+
+def _parse_format(fmt: str) -> list:
+    """Split a C format into literal strings and _Conv items, libtraceevent style."""
+    out: list = []
+    pos = 0
+    lit = []
+    n = len(fmt)
+    while pos < n:
+        c = fmt[pos]
+        if c != "%":
+            lit.append(c)
+            pos += 1
+            continue
+        if fmt.startswith("%%", pos):
+            lit.append("%")
+            pos += 2
+            continue
+        m = _SPEC.match(fmt, pos)
+        if not m:
+            # libtraceevent prints an unknown conversion as >c< and moves on
+            j = pos + 1
+            while j < n and fmt[j] in "-+ #0123456789.*hlLzZ":
+                j += 1
+            lit.append(">%s<" % (fmt[j] if j < n else ""))
+            pos = j + 1
+            continue
+        if lit:
+            out.append("".join(lit))
+            lit = []
+        conv = _Conv(m.group(1), m.group(2), m.group(3), m.group(4) or "", m.group(5))
+        pos = m.end()
+        if conv.conv == "p":
+            conv.ext = _pointer_ext(fmt, pos)
+            pos += len(conv.ext)
+        out.append(conv)
+    if lit:
+        out.append("".join(lit))
+    return out
+
+
+def _pointer_ext(fmt: str, pos: int) -> str:
+    """How many letters after %p belong to the pointer extension (libtraceevent's rules)."""
+    s = fmt[pos:pos + 6]
+    if not s:
+        return ""
+    c = s[0]
+    if c in "FSfs":
+        return c
+    if c in "Mm":
+        return s[:2] if s[1:2] in ("R", "F") else c
+    if c in "Ii":
+        if s[1:2] == "4":
+            return s[:3] if s[2:3] in ("h", "n", "l", "b") else s[:2]
+        if s[1:2] == "6":
+            return s[:3] if s[2:3] == "c" else s[:2]
+        if s[1:2] == "S":
+            j = 2
+            while j < len(s) and s[j] in "pfs":
+                j += 1
+            if j < len(s) and s[j] in "hnlb":
+                j += 1
+            if j < len(s) and s[j] == "c":
+                j += 1
+            return s[:j]
+        return s[:2] if len(s) > 1 else c
+    if c == "U":
+        return s[:2] if s[1:2] in ("L", "l", "B", "b") else c
+    if c == "h":
+        return s[:2] if s[1:2] in ("C", "D", "N") else c
+    return ""
+
+
+def split_print_fmt(text: str) -> tuple[str, str]:
+    """Split ``"format", args`` into the unescaped format and the argument text."""
+    t = text.strip()
+    if t.startswith("print fmt:"):
+        t = t[len("print fmt:"):].strip()
+    if not t.startswith('"'):
+        raise FormatError("print fmt: does not start with a string")
+    parts = []
+    pos = 0
+    while pos < len(t) and t[pos] == '"':
+        m = re.compile(r'"((?:[^"\\]|\\.)*)"').match(t, pos)
+        if not m:
+            raise FormatError("print fmt: unterminated string")
+        parts.append(m.group(1))
+        pos = m.end()
+        while pos < len(t) and t[pos].isspace():
+            pos += 1
+    rest = t[pos:].strip()
+    if rest.startswith(","):
+        rest = rest[1:]
+    elif rest:
+        raise FormatError(f"print fmt: expected ',' after the format, found {rest[:20]!r}")
+    return "".join(parts), rest
+
+
+# --------------------------------------------------------------------------- runtime helpers
+# Called by generated code; each is small and total (never raises on odd values).
+
+
+def _s(v: int, bits: int) -> int:
+    v &= (1 << bits) - 1
+    return v - (1 << bits) if v >> (bits - 1) else v
+
+
+def _ptr(v: Any) -> str:
+    if not isinstance(v, int):
+        return "(nil)"
+    v &= M64
+    return "0x%x" % v if v else "(nil)"
+
+
+def _alt_hex(v: int, spec: str) -> str:
+    """C's '#' flag: 0x only for non-zero values (Python always adds it)."""
+    return (spec % v) if v else (spec.replace("#", "") % 0)
+
+
+def _flags(val: Any, delim: str, table: tuple) -> str:
+    if not isinstance(val, int):
+        return ""
+    val = _s(val, 64)
+    out = []
+    for fval, name in table:
+        if not val and fval == 0:
+            out.append(name)
+            break
+        if fval > 0 and (val & fval) == fval:
+            out.append(name)
+            val &= ~fval
+    if val:
+        out.append("0x%x" % (val & M64))
+    return delim.join(out)
+
+
+def _symbolic(val: Any, table: dict) -> str:
+    if not isinstance(val, int):
+        return ""
+    v = _s(val, 64)
+    name = table.get(v)
+    if name is None:
+        return "0x%x" % (v & M64)
+    return name
+
+
+def _as_bytes(v: Any, elsize: int) -> bytes:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, str):
+        return v.encode("latin-1", "replace")
+    if isinstance(v, (list, tuple)):
+        if elsize <= 1:
+            return bytes(x & 0xFF for x in v)
+        mask = (1 << (8 * elsize)) - 1
+        return b"".join((x & mask).to_bytes(elsize, "little") for x in v)
+    if isinstance(v, int):
+        return (v & M64).to_bytes(8, "little")
+    return b""
+
+
+def _hex(v: Any, elsize: int, n: Any, sep: str) -> str:
+    data = _as_bytes(v, elsize)
+    n = n if isinstance(n, int) else 0
+    n = max(0, min(n, len(data), MAX_HEX_BYTES))
+    return sep.join("%02x" % b for b in data[:n])
+
+
+def _array(v: Any, elsize: int, count: Any, el: Any) -> str:
+    data = _as_bytes(v, elsize)
+    count = count if isinstance(count, int) else 0
+    el = el if isinstance(el, int) else 1
+    if el not in (1, 2, 4, 8):
+        return "{BAD SIZE:%d 0x%x}" % (el, data[0] if data else 0)
+    count = max(0, min(count, len(data) // el, MAX_HEX_BYTES))
+    return "{" + ",".join("0x%x" % int.from_bytes(data[i * el:(i + 1) * el], "little")
+                          for i in range(count)) + "}"
+
+
+def _bitmask(v: Any, elsize: int) -> str:
+    """A bitmask as the kernel's %*pb: 32-bit hex words, most significant first."""
+    data = _as_bytes(v, elsize)
+    words = [int.from_bytes(data[i:i + 4].ljust(4, b"\0"), "little") for i in range(0, len(data), 4)]
+    if not words:
+        return ""
+    words.reverse()
+    first = "%x" % words[0]
+    return ",".join([first] + ["%08x" % w for w in words[1:]])
+
+
+def _mac(v: Any, elsize: int) -> str:
+    data = _as_bytes(v, elsize)
+    if len(data) < 6:
+        return ""
+    return ":".join("%02x" % b for b in data[:6])
+
+
+def _ip4(v: Any, elsize: int) -> str:
+    data = _as_bytes(v, elsize)
+    if len(data) < 4:
+        return ""
+    return "%d.%d.%d.%d" % tuple(data[:4])
+
+
+def _ip6(v: Any, elsize: int) -> str:
+    data = _as_bytes(v, elsize)
+    if len(data) < 16:
+        return ""
+    import ipaddress
+    return str(ipaddress.IPv6Address(data[:16]))
+
+
+def _uuid(v: Any, elsize: int) -> str:
+    d = _as_bytes(v, elsize)
+    if len(d) < 16:
+        return ""
+    h = d[:16].hex()
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+def _cdiv(a: int, b: int) -> int:
+    if not b:
+        return 0
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def _cmod(a: int, b: int) -> int:
+    if not b:
+        return 0
+    return a - b * _cdiv(a, b)
+
+
+def _num(v: Any) -> int:
+    return v if isinstance(v, int) else 0
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return str(v)
+    return ""
+
+
+# --------------------------------------------------------------------------- fields
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What the compiler needs to know about a field: how its decoded value looks."""
+    name: str
+    size: int = 8            # size of the scalar, or of one element for arrays
+    signed: bool = False
+    is_array: bool = False
+    is_string: bool = False  # char arrays and __data_loc char[]: decoded as str
+    is_dynamic: bool = False
+    elsize: int = 1
+
+
+_ELEM_SIZE = {"char": 1, "short": 2, "int": 4, "long": 8}
+
+
+def field_info(f: Any, long_size: int = 8) -> FieldInfo:
+    """Adapt an EventFormat field (or a similar object / dict) into a FieldInfo."""
+    get = (lambda k, d=None: f.get(k, d)) if isinstance(f, Mapping) else (lambda k, d=None: getattr(f, k, d))
+    name = get("name")
+    ctype = str(get("type", "") or get("ctype", "") or "")
+    size = int(get("size", 0) or 0)
+    signed = bool(get("signed", False))
+    dyn = bool(get("is_dynamic", False) or get("data_loc", False)) or ctype.startswith(("__data_loc", "__rel_loc"))
+    arr = bool(get("is_array", False) or get("array", False) or dyn or "[" in ctype or "[" in str(name))
+    if "[" in str(name):
+        name = str(name).split("[", 1)[0]
+    base = re.sub(r"\[.*", "", ctype.replace("__data_loc", "").replace("__rel_loc", "")).strip()
+    is_string = arr and re.search(r"\bchar\b", base) is not None and "*" not in base
+    elsize = size
+    if arr:
+        elsize = int(get("elsize", 0) or get("element_size", 0) or 0)
+        if not elsize:
+            t = _type_of(base.split(), "*" in base)
+            elsize = (t[0] // 8) if t else 1
+            if re.search(r"\blong\b", base) and base.count("long") == 1 and long_size == 4:
+                elsize = 4
+    return FieldInfo(name=name, size=size, signed=signed, is_array=arr,
+                     is_string=is_string, is_dynamic=dyn, elsize=max(1, elsize))
+
+
+# --------------------------------------------------------------------------- code generation
+
+
+class _Gen:
+    """Turns AST nodes into Python expressions over local variables f_<field>."""
+
+    def __init__(self, fields: Mapping[str, FieldInfo], long_size: int):
+        self.fields = fields
+        self.long_size = long_size
+        self.consts: dict[str, Any] = {}
+        self.used: set[str] = set()
+
+    def const(self, value: Any) -> str:
+        name = "_k%d" % len(self.consts)
+        self.consts[name] = value
+        return name
+
+    def fieldvar(self, name: str) -> str:
+        if name not in self.fields:
+            raise _Unsupported(f"unknown field {name!r}")
+        self.used.add(name)
+        return "f_" + name
+
+    # kind: "int", "str", "list", "any"; rng: (bits, signed) known for ints, else None
+    def num(self, node) -> tuple[str, Optional[tuple[int, bool]]]:
+        code, kind, rng = self.gen(node)
+        if kind == "int":
+            return code, rng
+        if kind == "list":
+            return "0", (32, True)
+        return "_num(%s)" % code, None
+
+    def gen(self, node) -> tuple[str, str, Optional[tuple[int, bool]]]:
+        t = node[0]
+        if t == "num":
+            return repr(node[1]), "int", None
+        if t == "str":
+            return repr(node[1]), "str", None
+        if t == "atom":
+            if node[1] in ("true", "false"):
+                return ("1" if node[1] == "true" else "0"), "int", None
+            return self.const(node[1]), "atom", None
+        if t == "field":
+            fi = self.fields.get(node[1])
+            var = self.fieldvar(node[1])
+            if fi.is_string:
+                return var, "str", None
+            if fi.is_array:
+                return var, "list", None
+            return var, "int", (fi.size * 8, fi.signed)
+        if t == "cast":
+            ty, e = node[1], node[2]
+            code, kind, rng = self.gen(e)
+            if ty is None or kind not in ("int",):
+                return code, kind, rng
+            bits, signed = ty
+            if rng and rng[0] <= bits and (rng[1] == signed or (not rng[1] and rng[0] < bits)):
+                return code, kind, rng
+            if signed:
+                return "_s(%s, %d)" % (code, bits), "int", ty
+            return "(%s & %d)" % (code, (1 << bits) - 1), "int", ty
+        if t == "un":
+            op = node[1]
+            if op in ("*", "&"):
+                raise _Unsupported(f"unary {op}")
+            code, _ = self.num(node[2])
+            if op == "!":
+                return "(0 if %s else 1)" % code, "int", None
+            return "(%s%s)" % (op, code), "int", None
+        if t == "bin":
+            op = node[1]
+            if op in ("&&", "||"):
+                a, _ = self.num(node[2])
+                b, _ = self.num(node[3])
+                pyop = "and" if op == "&&" else "or"
+                return "(1 if (%s %s %s) else 0)" % (a, pyop, b), "int", None
+            a, ra = self.num(node[2])
+            b, rb = self.num(node[3])
+            if op == "/":
+                return "_cdiv(%s, %s)" % (a, b), "int", None
+            if op == "%":
+                return "_cmod(%s, %s)" % (a, b), "int", None
+            if op in ("<<", ">>"):
+                return "(%s %s (%s & 63))" % (a, op, b), "int", None
+            if op in ("==", "!=", "<", ">", "<=", ">="):
+                return "(1 if %s %s %s else 0)" % (a, op, b), "int", None
+            rng = None
+            if op == "&" and (ra and not ra[1] or rb and not rb[1]):
+                rng = min([r for r in (ra, rb) if r and not r[1]])
+            return "(%s %s %s)" % (a, op, b), "int", rng
+        if t == "tern":
+            c, _ = self.num(node[1])
+            a, ka, ra = self.gen(node[2])
+            b, kb, rb = self.gen(node[3])
+            kind = ka if ka == kb else "any"
+            return "(%s if %s else %s)" % (a, c, b), kind, (ra if ra == rb else None)
+        if t == "index":
+            base, kind, _ = self.gen(node[1])
+            idx, _ = self.num(node[2])
+            if kind != "list":
+                raise _Unsupported("index of a non-array")
+            return "(%s[%s] if 0 <= %s < len(%s) else 0)" % (base, idx, idx, base), "int", None
+        if t == "call":
+            return self.call(node[1], node[2])
+        if t == "member":
+            raise _Unsupported("member access")
+        if t == "brace":
+            raise FormatError("print fmt: {...} outside __print_flags/__print_symbolic")
+        raise FormatError(f"print fmt: cannot evaluate {t}")
+
+    def _field_arg(self, node) -> FieldInfo:
+        """The field named by a helper's argument (bare name or REC->name)."""
+        if node[0] in ("atom", "field"):
+            fi = self.fields.get(node[1])
+            if fi is None:
+                raise _Unsupported(f"unknown field {node[1]!r}")
+            return fi
+        if node[0] == "call" and node[1] in ("__get_dynamic_array", "__get_rel_dynamic_array"):
+            return self._field_arg(node[2][0]) if node[2] else None
+        raise _Unsupported("helper argument is not a field")
+
+    def _buffer(self, node) -> tuple[str, int]:
+        fi = self._field_arg(node)
+        return self.fieldvar(fi.name), (fi.elsize if fi.is_array else fi.size)
+
+    def _table(self, items, flags: bool):
+        out = []
+        for it in items:
+            if it[0] != "brace":
+                raise FormatError("print fmt: flag/symbol entry is not {value, \"name\"}")
+            if len(it[1]) != 2:
+                continue    # "{}" or other filler the kernel's macros leave behind
+            if it[1][1][0] != "str":
+                continue    # the kernel's { 0, NULL } end marker
+            vcode, _ = self.num(it[1][0])
+            try:
+                val = eval(vcode, dict(_HELPERS, **self.consts), {})  # constants only: no field is in scope
+            except Exception as exc:
+                raise _Unsupported(f"non-constant flag value ({exc})")
+            name = it[1][1]
+            if name[0] != "str":
+                raise FormatError("print fmt: flag/symbol name is not a string")
+            out.append((_s(val, 64), name[1]))
+        return out
+
+    def call(self, name: str, args: list):
+        if name in ("__get_str", "__get_rel_str"):
+            fi = self._field_arg(args[0])
+            return self.fieldvar(fi.name), ("str" if fi.is_string else "any"), None
+        if name in ("__get_dynamic_array", "__get_rel_dynamic_array", "__get_sockaddr",
+                    "__get_sockaddr_rel"):
+            fi = self._field_arg(args[0])
+            return self.fieldvar(fi.name), "list", None
+        if name in ("__get_dynamic_array_len", "__get_rel_dynamic_array_len"):
+            fi = self._field_arg(args[0])
+            return "len(%s) * %d" % (self.fieldvar(fi.name), fi.elsize if not fi.is_string else 1), "int", None
+        if name in ("__get_bitmask", "__get_rel_bitmask", "__get_cpumask", "__get_rel_cpumask"):
+            var, el = self._buffer(args[0])
+            return "_bitmask(%s, %d)" % (var, el), "str", None
+        if name in ("__print_flags", "__print_flags_u64"):
+            if len(args) < 2:
+                raise FormatError("print fmt: __print_flags needs a value and a delimiter")
+            val, _ = self.num(args[0])
+            delim = args[1][1] if args[1][0] == "str" else ""
+            table = tuple(self._table(args[2:], True))
+            return "_flags(%s, %r, %s)" % (val, delim, self.const(table)), "str", None
+        if name in ("__print_symbolic", "__print_symbolic_u64"):
+            if not args:
+                raise FormatError("print fmt: __print_symbolic needs a value")
+            val, _ = self.num(args[0])
+            table: dict = {}
+            for v, s in self._table(args[1:], False):
+                table.setdefault(v, s)
+            return "_symbolic(%s, %s)" % (val, self.const(table)), "str", None
+        if name in ("__print_hex", "__print_hex_str"):
+            if len(args) != 2:
+                raise FormatError(f"print fmt: {name} needs 2 arguments")
+            var, el = self._buffer(args[0])
+            n, _ = self.num(args[1])
+            sep = " " if name == "__print_hex" else ""
+            return "_hex(%s, %d, %s, %r)" % (var, el, n, sep), "str", None
+        if name == "__print_array":
+            if len(args) != 3:
+                raise FormatError("print fmt: __print_array needs 3 arguments")
+            var, el = self._buffer(args[0])
+            count, _ = self.num(args[1])
+            size, _ = self.num(args[2])
+            return "_array(%s, %d, %s, %s)" % (var, el, count, size), "str", None
+        if name in ("__builtin_expect",) and args:
+            return self.gen(args[0])
+        if name == "jiffies_to_msecs" and len(args) == 1:  # trace-cmd's jbd2 plugin: identity
+            code, rng = self.num(args[0])
+            return code, "int", None
+        raise _Unsupported(f"function {name}()")
+
+
+_HELPERS = {
+    "_s": _s, "_ptr": _ptr, "_alt_hex": _alt_hex, "_flags": _flags, "_symbolic": _symbolic,
+    "_hex": _hex, "_array": _array, "_bitmask": _bitmask, "_mac": _mac, "_ip4": _ip4,
+    "_ip6": _ip6, "_uuid": _uuid, "_cdiv": _cdiv, "_cmod": _cmod, "_num": _num,
+    "_text": _text, "__builtins__": {"len": len, "chr": chr, "min": min, "max": max},
+}
+
+_LEN_BITS = {"hh": 8, "h": 16, "": 32, "l": 64, "ll": 64, "L": 64, "z": 64, "Z": 64,
+             "j": 64, "t": 64}
+
+
+def _needs_mask(rng: Optional[tuple[int, bool]], bits: int, signed: bool) -> bool:
+    if rng is None:
+        return True
+    rb, rs = rng
+    if rs == signed and rb <= bits:
+        return False
+    if not rs and signed and rb < bits:
+        return False
+    return True
+
+
+@dataclass
+class PrintFmt:
+    """One event's compiled print fmt.
+
+    ``render(values)`` takes the decoded fields (ints, str for char arrays, lists for
+    other arrays) and returns the text libtraceevent would print. When libtraceevent
+    could not have parsed the format either, ``failed`` says why and ``render`` is None.
+    """
+    text: str
+    fmt: str
+    fields: tuple = ()
+    failed: Optional[str] = None
+    source: str = ""
+    render: Optional[Callable[[Mapping[str, Any]], str]] = None
+    used_fields: tuple = ()
+
+
+def compile_print_fmt(
+    text: str,
+    fields: Iterable[Any] = (),
+    *,
+    symbols: Optional[SymbolLookup] = None,
+    printk: Optional[PrintkLookup] = None,
+    long_size: int = 8,
+    where: str = "print fmt",
+) -> PrintFmt:
+    """Compile ``text`` (the part after ``print fmt:``) for an event with ``fields``."""
+    if len(text) > MAX_PRINT_FMT:
+        raise FormatError(f"{where}: print fmt is {len(text)} bytes, more than {MAX_PRINT_FMT}")
+    infos = {}
+    for f in fields:
+        fi = f if isinstance(f, FieldInfo) else field_info(f, long_size)
+        infos[fi.name] = fi
+    # A print fmt libtraceevent cannot parse is not an error in the trace: trace-cmd
+    # prints such events as "[FAILED TO PARSE]" plus raw fields, and so do we.
+    try:
+        fmt, argtext = split_print_fmt(text)
+    except FormatError as exc:
+        return PrintFmt(text=text, fmt="", fields=tuple(infos.values()), failed=exc.what)
+    pf = PrintFmt(text=text, fmt=fmt, fields=tuple(infos.values()))
+    try:
+        args = _Parser(_tokenize(argtext)).args() if argtext.strip() else []
+        src, consts, used = _codegen(fmt, args, infos, long_size)
+    except (_Unsupported, FormatError) as exc:
+        pf.failed = str(exc)
+        return pf
+    except RecursionError:
+        pf.failed = "expression nested too deeply"
+        return pf
+    glb = dict(_HELPERS)
+    glb.update(consts)
+    glb["_symf"] = _make_sym(symbols, True)
+    glb["_syms"] = _make_sym(symbols, False)
+    glb["_printk"] = _make_printk(printk)
+    ns: dict = {}
+    exec(compile(src, "<print fmt>", "exec"), glb, ns)  # noqa: S102 - our own generated code
+    pf.render = ns["_render"]
+    pf.source = src
+    pf.used_fields = tuple(sorted(used))
+    return pf
+
+
+def _make_sym(symbols: Optional[SymbolLookup], with_offset: bool) -> Callable[[Any], str]:
+    def sym(v: Any) -> str:
+        if not isinstance(v, int):
+            return ""
+        v &= M64
+        hit = symbols(v) if symbols else None
+        if not hit:
+            return "0x%x" % v
+        name, start = hit[0], hit[1]
+        return "%s+0x%x" % (name, v - start) if with_offset else name
+    return sym
+
+
+def _make_printk(printk: Optional[PrintkLookup]) -> Callable[[Any], str]:
+    def lookup(v: Any) -> str:
+        if not isinstance(v, int):
+            return _text(v)
+        v &= M64
+        s = printk(v) if printk else None
+        return s if s is not None else "%x" % v
+    return lookup
+
+
+def _codegen(fmt: str, args: list, infos: Mapping[str, FieldInfo], long_size: int):
+    g = _Gen(infos, long_size)
+    pieces = _parse_format(fmt)
+    out_fmt = []
+    out_args = []
+    ai = 0
+
+    def next_arg():
+        nonlocal ai
+        if ai >= len(args):
+            raise _Unsupported("more conversions than arguments")
+        a = args[ai]
+        ai += 1
+        return a
+
+    for p in pieces:
+        if isinstance(p, str):
+            out_fmt.append(p.replace("%", "%%"))
+            continue
+        width = p.width
+        prec = p.prec
+        wcode = pcode = None
+        if width == "*":
+            wcode, _ = g.num(next_arg())
+        if prec == "*":
+            pcode, _ = g.num(next_arg())
+        node = next_arg()
+        spec_w = ("*" if width == "*" else (width or ""))
+        spec_p = ("" if prec is None else "." + ("*" if prec == "*" else prec))
+        if wcode is not None:
+            out_args.append("_s(%s, 32)" % wcode)
+        if pcode is not None:
+            out_args.append("max(0, _s(%s, 32))" % pcode)
+        conv = p.conv
+        if conv == "p":
+            code, kind, _ = g.gen(node)
+            if node[0] == "str" or kind == "str" and p.ext == "":
+                out_fmt.append("%s")
+                out_args.append(code)
+                continue
+            ext = p.ext[:1]
+            if ext in ("S", "F"):
+                expr = "_symf(%s)" % code
+            elif ext in ("s", "f"):
+                expr = "_syms(%s)" % code
+            elif ext in ("M", "m", "I", "i", "U", "h"):
+                fi = None
+                try:
+                    fi = g._field_arg(node)
+                except _Unsupported:
+                    pass
+                el = fi.elsize if fi and fi.is_array else (fi.size if fi else 1)
+                helper = {"M": "_mac", "m": "_mac", "U": "_uuid", "h": "_hex"}.get(ext)
+                if ext in ("I", "i"):
+                    helper = "_ip6" if "6" in p.ext else "_ip4"
+                if helper == "_hex":
+                    expr = "_hex(%s, %d, %d, ' ')" % (code, el, 64)
+                else:
+                    expr = "%s(%s, %d)" % (helper, code, el)
+            else:
+                expr = "_ptr(%s)" % code
+            out_fmt.append("%" + p.flags.replace("0", "").replace("#", "") + spec_w + "s")
+            out_args.append(expr)
+            continue
+        if conv == "s":
+            code, kind, rng = g.gen(node)
+            if kind == "int" and node[0] == "field" and infos[node[1]].size == long_size:
+                code = "_printk(%s)" % code
+            elif kind != "str":
+                code = "_text(%s)" % code
+            out_fmt.append("%" + p.flags.replace("0", "") + spec_w + spec_p + "s")
+            out_args.append(code)
+            continue
+        if conv == "n":
+            raise _Unsupported("%n")
+        code, rng = g.num(node)
+        bits = _LEN_BITS.get(p.length, 32)
+        if conv == "c":
+            out_fmt.append("%" + p.flags.replace("0", "") + spec_w + "s")
+            out_args.append("chr(%s & 255)" % code)
+            continue
+        signed = conv in ("d", "i")
+        if _needs_mask(rng, bits, signed):
+            code = ("_s(%s, %d)" % (code, bits)) if signed else ("(%s & %d)" % (code, (1 << bits) - 1))
+        pyconv = {"i": "d", "u": "d"}.get(conv, conv)
+        spec = "%" + p.flags + spec_w + spec_p + pyconv
+        if "#" in p.flags and conv in ("x", "X", "o"):
+            if "*" in spec:
+                raise _Unsupported("'#' with '*'")
+            out_fmt.append("%s")
+            out_args.append("_alt_hex(%s, %r)" % (code, spec))
+            continue
+        out_fmt.append(spec)
+        out_args.append(code)
+    if ai < len(args):
+        # libtraceevent ignores extra arguments; they are still evaluated for errors only
+        pass
+    lines = ["def _render(v):"]
+    for name in sorted(g.used):
+        fi = infos[name]
+        default = "''" if fi.is_string else ("()" if fi.is_array else "0")
+        lines.append("    f_%s = v.get(%r, %s)" % (name, name, default))
+    fmt_text = "".join(out_fmt)
+    if out_args:
+        lines.append("    return %r %% (%s,)" % (fmt_text, ", ".join(out_args)))
+    else:
+        lines.append("    return %r" % fmt_text.replace("%%", "%"))
+    return "\n".join(lines) + "\n", g.consts, g.used
