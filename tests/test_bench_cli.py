@@ -1,0 +1,85 @@
+"""`vmtrace bench` on the command line: errors are one line, smoke run has every collector."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vmtrace.bench import collectors
+
+VMTRACE = [sys.executable, "-m", "vmtrace"]
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([*VMTRACE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(proc):
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vmtrace: error: ")
+    return lines[0]
+
+
+def test_decode_of_a_missing_file_is_one_line(tmp_path):
+    line = _one_line_error(_run("bench", "decode", str(tmp_path / "nope.dat")))
+    assert "no such file" in line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vmtrace.bench.drain") is not None, reason="drain has landed")
+def test_drain_says_it_is_not_available_yet():
+    assert "not available yet" in _one_line_error(_run("bench", "drain"))
+
+
+def test_guest_without_the_lab_runs_is_one_line():
+    proc = _run("bench", "overhead", "--guest")
+    lab = importlib.util.find_spec("vmtrace.lab")
+    if lab is not None and hasattr(__import__("vmtrace.lab", fromlist=["x"]), "bench_guest"):
+        pytest.skip("the guest benchmark exists")
+    assert "--guest" in _one_line_error(proc)
+
+
+def test_bad_reps_is_one_line(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    assert "--reps" in _one_line_error(_run("bench", "overhead", "--reps", "0", "--out", str(tmp_path)))
+
+
+@pytest.mark.tracefs
+@pytest.mark.slow
+def test_quick_overhead_smoke(tmp_path):
+    """What CI runs: every collector appears with a positive score, readers move bytes."""
+    before = {n for n in os.listdir("/sys/kernel/tracing/instances") if n.startswith("vmtrace-bench-")}
+    proc = _run("bench", "overhead", "--quick", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    assert (tmp_path / "overhead.png").read_bytes()[:4] == b"\x89PNG"
+    agent_there = importlib.util.find_spec("vmtrace.commands.agent") is not None
+    # a collector may only be skipped when its code has not landed, never silently
+    assert set(doc["skipped"]) <= (set() if agent_there else {"vmtrace"})
+    expected = set(collectors.NAMES) - set(doc["skipped"])
+    assert doc["params"]["quick"] is True and doc["params"]["reps"] == 2
+    for wname, w in doc["workloads"].items():
+        cols = w["collectors"]
+        assert set(cols) == expected
+        for name, entry in cols.items():
+            assert len(entry["scores"]) == 2
+            assert all(s > 0 for s in entry["scores"]), (wname, name)
+            assert entry["lost"]["min"] >= 0
+            if name in ("off", "native"):
+                assert entry["bytes"] is None and entry["cpu_seconds"] is None
+            else:
+                assert entry["bytes"]["min"] > 0, (wname, name)
+                assert entry["cpu_seconds"]["min"] >= 0
+            if name != "native":
+                assert entry["overhead_pct"]["median"] is not None
+        assert cols["off"]["lost"]["max"] == 0
+    table_rows = [line for line in proc.stdout.splitlines() if "│" in line]
+    for name in expected:
+        assert any(f" {name} " in row for row in table_rows), name
+    # the tracefs instance is gone afterwards
+    after = {n for n in os.listdir("/sys/kernel/tracing/instances") if n.startswith("vmtrace-bench-")}
+    assert after <= before
