@@ -1,0 +1,297 @@
+"""One timeline for the host and all guests of a recording session.
+
+A session directory (written by ``vmtrace record``) holds ``session.json``, ``host.dat``
+and one ``NAME.dat`` per guest. Each guest traced with its own clock; the session keeps
+the time probes exchanged with its agent. This module opens the session, builds one
+clock map per guest (:mod:`vmtrace.clocksync`), and streams every source's events in
+host-clock order, each tagged with its source.
+
+Each trace is already in time order, and clock maps are monotonic, so the merge is a
+k-way heap merge of streams (memory stays flat however long the recording).
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from vmtrace.clocksync import ClockMap, IdentityMap, SyncReport
+from vmtrace.errors import VmtraceError
+
+HOST = "host"
+# Clocks that user space reads exactly (the agent's guest_ns is then the trace clock).
+EXACT_CLOCKS = {"mono", "mono_raw", "boot", "tai"}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_MARK = re.compile(r"vmtrace-(probe|order)\b(.*)")
+_KV = re.compile(r"(\w+)=(\S+)")
+BATCH = 4096
+
+Reader = Callable[[str], Iterable[Any]]
+
+
+class MergedEvent(NamedTuple):
+    """One event on the merged timeline. ``ts`` is host CLOCK_MONOTONIC ns; ``raw_ts``
+    the timestamp as the source recorded it."""
+
+    ts: int
+    source: str
+    cpu: int
+    pid: int
+    comm: str
+    event: str
+    fields: dict
+    system: str = ""
+    raw_ts: int = 0
+
+
+@dataclass
+class Source:
+    name: str
+    path: str
+    clock: str
+    is_host: bool = False
+    cpus: int = 0
+    probes: list = field(default_factory=list)
+    orders: list = field(default_factory=list)
+    sync: Optional[dict] = None
+    stats: dict = field(default_factory=dict)
+
+
+def default_reader(path: str) -> Iterable[Any]:
+    """Events of one trace.dat via ``vmtrace.open`` (the decoder)."""
+    try:
+        from vmtrace.api import open as api_open
+    except ImportError:
+        raise VmtraceError("cannot read %s: the trace decoder (vmtrace.api) is not installed" % path)
+    return api_open(path).events()
+
+
+class Session:
+    """A recording session directory: sources, their clock maps, their events."""
+
+    def __init__(self, directory: str, reader: Optional[Reader] = None):
+        self.dir = os.fspath(directory)
+        self.reader = reader or default_reader
+        meta_path = os.path.join(self.dir, "session.json")
+        if not os.path.isdir(self.dir):
+            raise VmtraceError("%s: not a directory" % self.dir)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise VmtraceError("%s: no session.json (not a vmtrace session directory)" % self.dir)
+        except (OSError, ValueError) as exc:
+            raise VmtraceError("%s: unreadable: %s" % (meta_path, exc))
+        if not isinstance(meta, dict) or meta.get("layout") != "vmtrace-session":
+            raise VmtraceError("%s: not a vmtrace-session layout" % meta_path)
+        self.meta = meta
+        self.sources: Dict[str, Source] = {}
+        host = meta.get("host")
+        if isinstance(host, dict) and host.get("file"):
+            self.sources[HOST] = Source(HOST, self._file(host["file"]), str(host.get("clock", "mono")), True)
+        guests = meta.get("guests") or {}
+        if not isinstance(guests, dict):
+            raise VmtraceError("%s: 'guests' must be an object" % meta_path)
+        for name, g in guests.items():
+            if not _NAME.match(name) or name == HOST:
+                raise VmtraceError("%s: bad guest name %r" % (meta_path, name))
+            if not isinstance(g, dict) or "file" not in g:
+                raise VmtraceError("%s: guest %s has no 'file'" % (meta_path, name))
+            self.sources[name] = Source(name, self._file(g["file"]), str(g.get("clock", "")),
+                                        cpus=int(g.get("cpus") or 0), probes=list(g.get("probes") or []),
+                                        orders=list(g.get("orders") or []), sync=g.get("sync"),
+                                        stats=g.get("stats") or {})
+        if not self.sources:
+            raise VmtraceError("%s: session has no host and no guests" % meta_path)
+        self._maps: Dict[str, ClockMap] = {}
+        self.reports: Dict[str, SyncReport] = {}
+        self._markers: Dict[str, list] = {}
+
+    def _file(self, rel: str) -> str:
+        rel = str(rel)
+        if os.path.isabs(rel) or ".." in rel.split("/"):
+            raise VmtraceError("session.json: file %r must be inside the session directory" % rel)
+        return os.path.join(self.dir, rel)
+
+    @property
+    def guests(self) -> List[str]:
+        return [n for n, s in self.sources.items() if not s.is_host]
+
+    # -- raw events ----------------------------------------------------------------
+    def raw_events(self, name: str) -> Iterable[Any]:
+        src = self.source(name)
+        if not os.path.exists(src.path):
+            raise VmtraceError("%s: missing (named in session.json)" % src.path)
+        return self.reader(src.path)
+
+    def source(self, name: str) -> Source:
+        try:
+            return self.sources[name]
+        except KeyError:
+            raise VmtraceError("no source %r in session %s (has: %s)" % (name, self.dir, ", ".join(self.sources)))
+
+    def markers(self, name: str) -> list:
+        """The guest's ``vmtrace-probe``/``vmtrace-order`` trace_marker lines:
+        ``(raw_ts, cpu, kind, {key: value})``, in trace order."""
+        if name not in self._markers:
+            out = []
+            for e in self.raw_events(name):
+                if event_name(e) != "print":
+                    continue
+                m = _MARK.search(str(e.fields.get("buf", "")))
+                if m:
+                    out.append((int(e.ts), int(e.cpu), m.group(1), dict(_KV.findall(m.group(2)))))
+            self._markers[name] = out
+        return self._markers[name]
+
+    # -- clock maps ----------------------------------------------------------------
+    def clock_map(self, name: str) -> ClockMap:
+        if name not in self._maps:
+            self._maps[name], rep = self._build_map(name)
+            if rep is not None:
+                self.reports[name] = rep
+        return self._maps[name]
+
+    def set_clock_map(self, name: str, cmap: ClockMap) -> None:
+        """Override a source's map (e.g. a deliberately wrong one, to test the check)."""
+        self.source(name)
+        self._maps[name] = cmap
+
+    def _build_map(self, name: str):
+        src = self.source(name)
+        if src.is_host:
+            return IdentityMap(), None
+        if src.sync and src.sync.get("method") == "kvm":
+            from vmtrace.clocksync import kvm
+            return kvm.from_session(src.sync), SyncReport(method="kvm", notes=["exact: KVM TSC offset/scaling"])
+        from vmtrace.clocksync import ptp
+        probes = self.fit_probes(name)
+        return ptp.fit(probes)
+
+    def fit_probes(self, name: str) -> list:
+        """Probes to fit, with the guest side taken from the probe's trace_marker.
+
+        The marker's timestamp is the trace clock itself, stamped by the kernel inside
+        the probe's round trip; the agent's user-space reading (``guest_ns``) is only the
+        same clock for mono/mono_raw/boot/tai, and even then is read a few microseconds
+        before the marker, which matters when round trips are that short. So markers
+        are used when the trace has them, ``guest_ns`` otherwise.
+        """
+        src = self.source(name)
+        if not src.probes:
+            raise VmtraceError("guest %s: session has no time probes, cannot map its clock" % name)
+        pairs = self.probe_markers(name)
+        if pairs:
+            return [(p[0], mts, p[2]) for p, mts in pairs]
+        if src.clock in EXACT_CLOCKS:
+            return [p[:3] for p in src.probes]
+        raise VmtraceError("guest %s: clock %r is not readable from user space and no probe "
+                           "markers were found in its trace" % (name, src.clock))
+
+    def probe_markers(self, name: str) -> list:
+        """Pair each probe with its marker's raw timestamp: [(probe, marker_ts)].
+
+        A probe may carry its seq as a 4th element; otherwise probes are numbered in
+        the order they were sent, from the lowest seq seen in the markers.
+        """
+        src = self.source(name)
+        marks = {}
+        for ts, _cpu, kind, kv in self.markers(name):
+            if kind == "probe" and kv.get("seq", "").lstrip("-").isdigit():
+                marks.setdefault(int(kv["seq"]), ts)
+        if not marks:
+            return []
+        first = min(marks)
+        out = []
+        for i, p in enumerate(src.probes):
+            seq = int(p[3]) if len(p) > 3 else first + i
+            if seq in marks:
+                out.append((p, marks[seq]))
+        return out
+
+    # -- merged stream -----------------------------------------------------------------
+    def events(self, name: str, cmap: Optional[ClockMap] = None) -> Iterator[MergedEvent]:
+        """One source's events with host-clock timestamps, in order."""
+        cmap = cmap or self.clock_map(name)
+        batch: list = []
+        for e in self.raw_events(name):
+            batch.append(e)
+            if len(batch) >= BATCH:
+                yield from _mapped(batch, name, cmap)
+                batch = []
+        if batch:
+            yield from _mapped(batch, name, cmap)
+
+    def merged(self, sources: Optional[Sequence[str]] = None) -> Iterator[MergedEvent]:
+        names = list(sources) if sources else list(self.sources)
+        for n in names:
+            self.source(n)
+        # ties: host first, then guests in session order, then stable within a source
+        order = {n: i for i, n in enumerate(names)}
+        streams = [((e.ts, order[n], i, e) for i, e in enumerate(self.events(n))) for n in names]
+        for item in heapq.merge(*streams):
+            yield item[3]
+
+
+def _mapped(batch: list, name: str, cmap: ClockMap) -> Iterator[MergedEvent]:
+    raw = np.fromiter((int(e.ts) for e in batch), dtype=np.int64, count=len(batch))
+    cpus = np.fromiter((int(e.cpu) for e in batch), dtype=np.int64, count=len(batch))
+    host = cmap.to_host(raw, cpus)
+    for e, h, r in zip(batch, host.tolist(), raw.tolist()):
+        yield MergedEvent(h, name, int(e.cpu), int(e.pid), str(e.comm), event_name(e),
+                          dict(e.fields), str(getattr(e, "system", "") or ""), r)
+
+
+def event_name(e: Any) -> str:
+    """Our records say ``event``; vmtrace.api's Event says ``name``."""
+    return str(getattr(e, "event", None) or getattr(e, "name", ""))
+
+
+def open_session(directory: str, reader: Optional[Reader] = None) -> Session:
+    return Session(directory, reader)
+
+
+def merged_events(session_dir: "str | Session", *, sources: Optional[Sequence[str]] = None,
+                  reader: Optional[Reader] = None) -> Iterator[MergedEvent]:
+    """Every event of the session on the host's clock, in time order, tagged by source."""
+    s = session_dir if isinstance(session_dir, Session) else Session(session_dir, reader)
+    return s.merged(sources)
+
+
+def is_session_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), "session.json"))
+
+
+def _fmt_fields(fields: dict) -> str:
+    return " ".join("%s=%s" % (k, v) for k, v in fields.items())
+
+
+def format_line(ev: MergedEvent, width: int = 8) -> str:
+    """One text line, ``trace-cmd report``-like, with the source in front:
+    ``  guest1: comm-pid [001] 12.345678901: sched_switch: prev_comm=...``"""
+    sec, ns = divmod(int(ev.ts), 1_000_000_000)
+    return "%*s: %16s-%-7d [%03d] %d.%09d: %-20s %s" % (
+        width, ev.source, ev.comm, ev.pid, ev.cpu, sec, ns, ev.event + ":", _fmt_fields(ev.fields))
+
+
+def to_json(ev: MergedEvent) -> dict:
+    """The ``--format jsonl`` record: ts in host ns, source ``host`` or the guest name."""
+    return {"ts": int(ev.ts), "source": ev.source, "cpu": ev.cpu, "pid": ev.pid, "comm": ev.comm,
+            "event": ev.event, "fields": {k: _jsonable(v) for k, v in ev.fields.items()}}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray)):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
