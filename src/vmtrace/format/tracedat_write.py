@@ -67,7 +67,7 @@ class _Meta:
             self.kallsyms = _gunzip_capped(blob("kallsyms.gz"), MAX_KALLSYMS, "kallsyms.gz")
         self.ftrace: list[bytes] = []
         systems: dict[str, list[bytes]] = {}
-        for name in sorted(metadata):
+        for name in metadata:
             m = _EVENT_RE.match(name)
             if not m:
                 continue
@@ -75,7 +75,7 @@ class _Meta:
                 self.ftrace.append(blob(name))
             else:
                 systems.setdefault(m.group(1), []).append(blob(name))
-        for name in sorted(metadata):
+        for name in metadata:
             if name.startswith("ftrace/") and name.endswith("/format"):
                 self.ftrace.append(blob(name))
         self.systems = systems
