@@ -1,0 +1,467 @@
+"""The Python API: ``vmtrace.open(path)`` and a :class:`Trace` to iterate, tabulate, count.
+
+Everything here streams: a CPU's pages are decoded a chunk at a time
+(:func:`vmtrace.format.ringbuffer.iter_batches`), so memory is bounded by the chunk
+size times the number of CPUs whatever the trace size. Events of all CPUs are merged by
+timestamp the way trace-cmd does it (ties go to the lower CPU), and dropped events
+appear in the stream as :class:`LostEvents` where trace-cmd prints ``[EVENTS DROPPED]``.
+"""
+from __future__ import annotations
+
+import builtins
+import heapq
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from vmtrace.errors import FormatError, VmtraceError
+from vmtrace.format.events import EventCatalog, EventFormat
+from vmtrace.format.metadata import TraceMetadata
+from vmtrace.format.ringbuffer import EventBatch, PageLayout, iter_batches, layout_from_headers
+
+__all__ = ["open", "Trace", "Event", "LostEvents"]
+
+Time = Union[int, float, None]
+
+
+class Event:
+    """One trace event. ``fields`` is decoded on first access (most filters never look)."""
+
+    __slots__ = ("ts", "cpu", "pid", "comm", "fmt", "payload", "_fields", "_keep_going")
+
+    def __init__(self, ts: int, cpu: int, pid: int, comm: str, fmt: Optional[EventFormat],
+                 payload: Union[bytes, memoryview], keep_going: bool = False):
+        self.ts = ts
+        self.cpu = cpu
+        self.pid = pid
+        self.comm = comm
+        self.fmt = fmt
+        self.payload = payload
+        self._fields: Optional[Dict[str, Any]] = None
+        self._keep_going = keep_going
+
+    kind = "event"
+
+    @property
+    def system(self) -> str:
+        return self.fmt.system if self.fmt else ""
+
+    @property
+    def name(self) -> str:
+        return self.fmt.name if self.fmt else f"unknown_event_{self.type_id}"
+
+    @property
+    def event(self) -> str:
+        return f"{self.system}:{self.name}"
+
+    @property
+    def type_id(self) -> int:
+        return int.from_bytes(bytes(self.payload[:2]), "little" if not self.fmt or
+                              self.fmt.endian == "<" else "big")
+
+    @property
+    def fields(self) -> Dict[str, Any]:
+        if self._fields is None:
+            if self.fmt is None:
+                self._fields = {}
+            else:
+                try:
+                    self._fields = self.fmt.decode(self.payload)
+                except FormatError:
+                    if not self._keep_going:
+                        raise
+                    self._fields = {}
+        return self._fields
+
+    def __repr__(self) -> str:
+        return (f"Event(ts={self.ts}, cpu={self.cpu}, {self.comm}-{self.pid}, {self.event}, "
+                f"{self.fields})")
+
+
+class LostEvents:
+    """Events the kernel dropped on ``cpu`` before the next event (count -1: unknown)."""
+
+    __slots__ = ("ts", "cpu", "count")
+    kind = "lost"
+
+    def __init__(self, ts: int, cpu: int, count: int):
+        self.ts = ts
+        self.cpu = cpu
+        self.count = count
+
+    def __repr__(self) -> str:
+        return f"LostEvents(cpu={self.cpu}, count={self.count}, ts={self.ts})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, LostEvents)
+                and (self.ts, self.cpu, self.count) == (other.ts, other.cpu, other.count))
+
+
+def _ns(t: Time) -> Optional[int]:
+    """Times are trace-clock integers (ns for most clocks); a float is taken as seconds."""
+    if t is None:
+        return None
+    if isinstance(t, float):
+        return int(round(t * 1e9))
+    return int(t)
+
+
+def open(path: Union[str, os.PathLike], *, keep_going: bool = False) -> "Trace":  # noqa: A001
+    """Open a trace.dat file or a raw directory for decoding."""
+    from vmtrace.sources import open_source
+    return Trace(open_source(path), keep_going=keep_going)
+
+
+class Trace:
+    """A decoded view of one :class:`~vmtrace.format.TraceSource`."""
+
+    def __init__(self, source: Any, *, keep_going: bool = False, chunk_pages: int = 2048):
+        self.source = source
+        self.keep_going = keep_going
+        self.chunk_pages = chunk_pages
+        name = getattr(source, "path", "") or "trace"
+        self.name = str(name)
+        self.layout: PageLayout = _layout(source, self.name)
+        endian = source.endian if source.endian in ("<", ">") else (
+            "<" if source.endian == "little" else ">")
+        self.catalog = EventCatalog.from_texts(source.ftrace_formats, source.event_formats,
+                                               long_size=source.long_size, endian=endian)
+        clock = (source.options or {}).get("clock")
+        self.metadata = TraceMetadata.from_source(source, clock=clock)
+        try:
+            self.ts_offset = int((source.options or {}).get("offset", "0") or 0, 0)
+        except (TypeError, ValueError):
+            self.ts_offset = 0
+        self._endian = endian
+        self._common = _common_layout(self.catalog, endian)
+        self.problems: List[Tuple[int, Any]] = []
+
+    # -- plumbing --------------------------------------------------------------------
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> "Trace":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def buffers(self) -> List[str]:
+        return [b.name for b in self.source.buffers]
+
+    def _buffer(self, name: Optional[str]) -> Any:
+        bufs = self.source.buffers
+        if name is not None:
+            for b in bufs:
+                if b.name == name:
+                    return b
+            raise VmtraceError(f"{self.name}: no buffer named {name!r} "
+                               f"(have: {', '.join(repr(b.name) for b in bufs)})")
+        for b in bufs:  # the top buffer if it has data, else the first one that does
+            if any(c.size for c in b.cpus):
+                return b
+        if bufs:
+            return bufs[0]
+        raise VmtraceError(f"{self.name}: no trace data")
+
+    def cpus(self, buffer: Optional[str] = None) -> List[int]:
+        return [c.cpu for c in self._buffer(buffer).cpus]
+
+    def batches(self, cpu: int, buffer: Optional[str] = None) -> Iterator[EventBatch]:
+        """One CPU's events as columnar batches (see docs/internals.md), streamed."""
+        buf = self._buffer(buffer)
+        for c in buf.cpus:
+            if c.cpu != cpu:
+                continue
+            src = f"{self.name}[{buf.name or 'top'}] cpu{cpu}"
+            for batch in iter_batches(c.pages(), self.layout, cpu, source=src,
+                                      keep_going=self.keep_going, chunk_pages=self.chunk_pages):
+                for p in batch.problems:
+                    self.problems.append((cpu, p))
+                if self.ts_offset:
+                    batch.ts = batch.ts + np.uint64(self.ts_offset % (1 << 64))
+                yield batch
+            return
+
+    def _select(self, batch: EventBatch, ids: Optional[np.ndarray], start: Optional[int],
+                end: Optional[int]) -> np.ndarray:
+        keep = np.ones(len(batch), bool)
+        if ids is not None:
+            keep &= np.isin(batch.type_id, ids)
+        if start is not None:
+            keep &= batch.ts >= np.uint64(max(start, 0))
+        if end is not None:
+            keep &= batch.ts <= np.uint64(max(end, 0))
+        return keep
+
+    def _ids(self, events: Optional[Sequence[str]]) -> Optional[np.ndarray]:
+        if events is None:
+            return None
+        if isinstance(events, str):
+            events = [events]
+        return np.array(self.catalog.match(list(events)), dtype=np.uint16)
+
+    def _pids(self, batch: EventBatch) -> np.ndarray:
+        off, size = self._common.get("common_pid", (4, 4))
+        if len(batch) == 0:
+            return np.zeros(0, np.int32)
+        raw = np.frombuffer(batch.data, np.uint8)
+        idx = batch.offset + off
+        ok = batch.length >= off + size
+        idx = np.where(ok, idx, 0)
+        b = np.stack([raw[idx + k] for k in range(size)], axis=1)
+        pids = b.copy().view(np.dtype(self._endian + f"i{size}")).reshape(-1).astype(np.int32)
+        return np.where(ok, pids, -1)
+
+    # -- events ----------------------------------------------------------------------
+    def _cpu_events(self, cpu: int, buffer: Optional[str], ids: Optional[np.ndarray],
+                    start: Optional[int], end: Optional[int]) -> Iterator[Tuple[int, int, int, Any]]:
+        """(sort ts, cpu, seq, item) for one CPU, lost markers placed before their event."""
+        seq = 0
+        comm = self.metadata.comm
+        get_fmt = self.catalog.get
+        kg = self.keep_going
+        for batch in self.batches(cpu, buffer):
+            keep = self._select(batch, ids, start, end)
+            pids = self._pids(batch)
+            lost = sorted(batch.lost)
+            li = 0
+            ts_l = batch.ts.tolist()
+            idx = np.nonzero(keep)[0].tolist()
+            offs = batch.offset.tolist()
+            lens = batch.length.tolist()
+            tids = batch.type_id.tolist()
+            pid_l = pids.tolist()
+            data = memoryview(batch.data)
+            fmts: Dict[int, Optional[EventFormat]] = {}
+            for i in idx:
+                while li < len(lost) and lost[li].index <= i:
+                    m = lost[li]
+                    li += 1
+                    if self._in_range(m.ts, start, end):
+                        yield (ts_l[i], cpu, seq, LostEvents(m.ts + self.ts_offset, cpu, m.count))
+                        seq += 1
+                tid = tids[i]
+                fmt = fmts.get(tid, 0)
+                if fmt == 0:
+                    fmt = fmts[tid] = get_fmt(tid)
+                pid = pid_l[i]
+                o = offs[i]
+                ev = Event(ts_l[i], cpu, pid, comm(pid), fmt, data[o:o + lens[i]], kg)
+                yield (ts_l[i], cpu, seq, ev)
+                seq += 1
+            for m in lost[li:]:
+                if self._in_range(m.ts, start, end):
+                    t = m.ts + self.ts_offset
+                    yield (t, cpu, seq, LostEvents(t, cpu, m.count))
+                    seq += 1
+
+    @staticmethod
+    def _in_range(ts: int, start: Optional[int], end: Optional[int]) -> bool:
+        return (start is None or ts >= start) and (end is None or ts <= end)
+
+    def events(self, cpus: Optional[Iterable[int]] = None, events: Optional[Sequence[str]] = None,
+               start: Time = None, end: Time = None,
+               buffer: Optional[str] = None) -> Iterator[Union[Event, LostEvents]]:
+        """Events (and :class:`LostEvents` markers) of all CPUs, in timestamp order.
+
+        ``events`` takes "system", "system:name", a bare name or globs; ``start`` and
+        ``end`` are inclusive trace-clock integers (a float is seconds).
+        """
+        want = set(cpus) if cpus is not None else None
+        ids = self._ids(events)
+        s, e = _ns(start), _ns(end)
+        streams = [self._cpu_events(c, buffer, ids, s, e) for c in self.cpus(buffer)
+                   if want is None or c in want]
+        if len(streams) == 1:
+            for item in streams[0]:
+                yield item[3]
+            return
+        for item in heapq.merge(*streams, key=lambda t: (t[0], t[1], t[2])):
+            yield item[3]
+
+    # -- tables ----------------------------------------------------------------------
+    def _names_for(self, type_ids: np.ndarray) -> Tuple[np.ndarray, List[str]]:
+        uniq, inv = np.unique(type_ids, return_inverse=True)
+        names = []
+        for t in uniq.tolist():
+            f = self.catalog.get(t)
+            names.append(f.full_name if f else f"unknown:{t}")
+        return inv.reshape(-1), names
+
+    def _comm_column(self, pids: np.ndarray) -> Tuple[np.ndarray, List[str]]:
+        uniq, inv = np.unique(pids, return_inverse=True)
+        return inv.reshape(-1), [self.metadata.comm(int(p)) for p in uniq.tolist()]
+
+    def table(self, cpus: Optional[Iterable[int]] = None, events: Optional[Sequence[str]] = None,
+              start: Time = None, end: Time = None, buffer: Optional[str] = None) -> Any:
+        """All selected events as a pyarrow Table: ts, cpu, pid, comm, event (time order)."""
+        import pyarrow as pa
+        parts = []
+        for cpu, batch, keep in self._batches_selected(cpus, events, start, end, buffer):
+            sel = np.nonzero(keep)[0]
+            if not sel.size:
+                continue
+            parts.append(self._base_columns(cpu, batch, sel))
+        return _sorted_table(parts, _base_schema())
+
+    def _batches_selected(self, cpus, events, start, end, buffer):
+        want = set(cpus) if cpus is not None else None
+        ids = self._ids(events)
+        s, e = _ns(start), _ns(end)
+        for cpu in self.cpus(buffer):
+            if want is not None and cpu not in want:
+                continue
+            for batch in self.batches(cpu, buffer):
+                yield cpu, batch, self._select(batch, ids, s, e)
+
+    def _base_columns(self, cpu: int, batch: EventBatch, sel: np.ndarray) -> Dict[str, Any]:
+        import pyarrow as pa
+        pids = self._pids(batch)[sel]
+        ev_idx, ev_names = self._names_for(batch.type_id[sel])
+        c_idx, c_names = self._comm_column(pids)
+        return {
+            "ts": pa.array(batch.ts[sel], pa.uint64()),
+            "cpu": pa.array(np.full(sel.size, cpu, np.uint16), pa.uint16()),
+            "pid": pa.array(pids, pa.int32()),
+            "comm": pa.DictionaryArray.from_arrays(pa.array(c_idx.astype(np.int32)),
+                                                   pa.array(c_names, pa.string())),
+            "event": pa.DictionaryArray.from_arrays(pa.array(ev_idx.astype(np.int32)),
+                                                    pa.array(ev_names, pa.string())),
+        }
+
+    def event_table(self, event: str, cpus: Optional[Iterable[int]] = None, start: Time = None,
+                    end: Time = None, buffer: Optional[str] = None) -> Any:
+        """One event type with its fields as typed columns (ints, strings, lists)."""
+        import pyarrow as pa
+        fmt = self.catalog.by_name(event)
+        if fmt is None:
+            raise VmtraceError(f"{self.name}: no event {event!r} in this trace")
+        parts = []
+        for cpu, batch, keep in self._batches_selected(cpus, [fmt.full_name], start, end, buffer):
+            sel = np.nonzero(keep & (batch.type_id == fmt.id))[0]
+            if not sel.size:
+                continue
+            cols = self._base_columns(cpu, batch, sel)
+            del cols["event"]
+            fields = fmt.columns(batch, sel, keep_going=self.keep_going)
+            for f in fmt.event_fields:
+                cols[f.name] = _arrow_column(fields[f.name], f)
+            parts.append(cols)
+        schema = _event_schema(fmt)
+        return _sorted_table(parts, schema)
+
+    # -- counts ----------------------------------------------------------------------
+    def stats(self, buffer: Optional[str] = None) -> Dict[str, Any]:
+        """Per-CPU and per-event counts, lost events and skipped (corrupt) pages."""
+        per_cpu: Dict[int, Dict[str, Any]] = {}
+        per_event: Dict[str, int] = {}
+        counts = np.zeros(1 << 16, np.int64)
+        for cpu in self.cpus(buffer):
+            st = per_cpu[cpu] = {"events": 0, "pages": 0, "lost": 0, "lost_unknown": 0,
+                                 "problems": 0, "first_ts": None, "last_ts": None}
+            for batch in self.batches(cpu, buffer):
+                n = len(batch)
+                st["events"] += n
+                st["pages"] += batch.pages
+                st["problems"] += len(batch.problems)
+                for m in batch.lost:
+                    if m.count >= 0:
+                        st["lost"] += m.count
+                    else:
+                        st["lost_unknown"] += 1
+                if n:
+                    counts += np.bincount(batch.type_id, minlength=1 << 16)
+                    if st["first_ts"] is None:
+                        st["first_ts"] = int(batch.ts[0])
+                    st["last_ts"] = int(batch.ts[-1])
+        for t in np.nonzero(counts)[0].tolist():
+            f = self.catalog.get(t)
+            per_event[f.full_name if f else f"unknown:{t}"] = int(counts[t])
+        return {
+            "events": int(counts.sum()),
+            "lost": sum(s["lost"] for s in per_cpu.values()),
+            "lost_unknown": sum(s["lost_unknown"] for s in per_cpu.values()),
+            "cpus": per_cpu,
+            "per_event": dict(sorted(per_event.items(), key=lambda kv: (-kv[1], kv[0]))),
+        }
+
+
+def _layout(source: Any, name: str) -> PageLayout:
+    try:
+        return layout_from_headers(source.header_page, source.header_event,
+                                   endian=source.endian, page_size=source.page_size)
+    except FormatError as e:
+        raise e.at(source=f"{name}: {e.source}" if e.source else name) from None
+
+
+def _common_layout(catalog: EventCatalog, endian: str) -> Dict[str, Tuple[int, int]]:
+    """Offsets of the common fields, the same for every event of a kernel."""
+    for ev_id in catalog.ids():
+        fmt = catalog.get(ev_id)
+        if fmt and fmt.field("common_pid") is not None:
+            return {f.name: (f.offset, f.size) for f in fmt.common_fields}
+    return {"common_pid": (4, 4)}
+
+
+def _base_schema() -> Any:
+    import pyarrow as pa
+    return pa.schema([("ts", pa.uint64()), ("cpu", pa.uint16()), ("pid", pa.int32()),
+                      ("comm", pa.dictionary(pa.int32(), pa.string())),
+                      ("event", pa.dictionary(pa.int32(), pa.string()))])
+
+
+def _arrow_type(f: Any) -> Any:
+    import pyarrow as pa
+    from vmtrace.format import events as ev
+    if f.is_string:
+        return pa.string()
+    ints = {(1, True): pa.int8(), (1, False): pa.uint8(), (2, True): pa.int16(),
+            (2, False): pa.uint16(), (4, True): pa.int32(), (4, False): pa.uint32(),
+            (8, True): pa.int64(), (8, False): pa.uint64()}
+    if f.kind == ev.SCALAR:
+        return ints.get((f.size, f.signed), pa.binary())
+    elem = ints.get((f.elem_size, f.signed), pa.int64())
+    if f.kind == ev.ARRAY and f.elem_size in (1, 2, 4, 8):
+        return pa.list_(elem, f.count)
+    return pa.list_(elem)
+
+
+def _arrow_column(values: np.ndarray, f: Any) -> Any:
+    import pyarrow as pa
+    from vmtrace.format import events as ev
+    typ = _arrow_type(f)
+    if f.kind == ev.ARRAY and f.elem_size in (1, 2, 4, 8):
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1), typ.value_type)
+        return pa.FixedSizeListArray.from_arrays(flat, f.count)
+    if f.kind == ev.SCALAR and values.dtype != object:
+        return pa.array(values, typ)
+    if f.kind == ev.SCALAR:
+        return pa.array([None if v is None else bytes(v) if not isinstance(v, int) else
+                         v.to_bytes(max(f.size, 1), "little", signed=f.signed)
+                         for v in values.tolist()], typ)
+    return pa.array(values.tolist(), typ)
+
+
+def _event_schema(fmt: EventFormat) -> Any:
+    import pyarrow as pa
+    base = _base_schema()
+    fields = [base.field(n) for n in ("ts", "cpu", "pid", "comm")]
+    fields += [pa.field(f.name, _arrow_type(f)) for f in fmt.event_fields]
+    return pa.schema(fields, metadata={b"event": fmt.full_name.encode()})
+
+
+def _sorted_table(parts: List[Dict[str, Any]], schema: Any) -> Any:
+    """Concatenate per-CPU chunks and order them like trace-cmd: by ts, then CPU."""
+    import pyarrow as pa
+    if not parts:
+        return schema.empty_table()
+    tables = [pa.table(p, schema=schema) for p in parts]
+    t = pa.concat_tables(tables).unify_dictionaries() if len(tables) > 1 else tables[0]
+    if len(tables) > 1:
+        import pyarrow.compute as pc
+        order = pc.sort_indices(t, sort_keys=[("ts", "ascending"), ("cpu", "ascending")])
+        t = t.take(order)
+    return t
