@@ -62,3 +62,46 @@ poweroff -f
 sleep 5
 echo o > /proc/sysrq-trigger
 """
+
+# Helpers the per-run scripts source (`. /lab/lib.sh`): finding a port by name without
+# udev, sending files to the host over the lab's own port, and copying the tracefs
+# metadata a decoder needs in the raw-directory layout (docs/internals.md).
+LIB_SCRIPT = r"""
+FILES_PORT=vmtrace-lab-files
+T=/sys/kernel/tracing
+
+lab_port() {
+    for d in /sys/class/virtio-ports/*; do
+        if [ "$(cat "$d/name" 2>/dev/null)" = "$1" ]; then
+            echo "/dev/${d##*/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+lab_send() {
+    p=$(lab_port $FILES_PORT) || { echo "vmtrace-lab: no $FILES_PORT port" >&2; return 1; }
+    tar cf "$p" "$@"
+}
+
+lab_tracefs_meta() {
+    d=$1
+    shift
+    mkdir -p "$d/events"
+    cat $T/events/header_page > "$d/header_page"
+    cat $T/events/header_event > "$d/header_event"
+    for s in "$@"; do
+        for e in $T/events/$s/*/; do
+            [ -f "$e/format" ] || continue
+            n=${e%/}
+            n=${n##*/}
+            mkdir -p "$d/events/$s/$n"
+            cat "$e/format" > "$d/events/$s/$n/format"
+        done
+    done
+    cat $T/saved_cmdlines > "$d/saved_cmdlines"
+    cat $T/printk_formats > "$d/printk_formats" 2>/dev/null
+    cat /proc/kallsyms > "$d/kallsyms"
+}
+"""

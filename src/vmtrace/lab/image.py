@@ -161,9 +161,18 @@ def build_image(*, python: str | Path | None = None, kernel: str | Path | None =
             if final.exists():
                 shutil.rmtree(final)
             os.rename(stage, final)
+            _prune(root, keep=final)
             say(f"guest image built in {manifest['build_seconds']} s: "
                 f"{manifest['initrd_bytes'] / 1e6:.1f} MB at {final}")
             return _load(final)
+
+
+def _prune(root: Path, keep: Path, max_images: int = 3) -> None:
+    """Images of older inputs are dead weight (23 MB each); keep only the newest few."""
+    images = sorted((d for d in root.iterdir() if (d / "manifest.json").is_file() and d != keep),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in images[max_images - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load(d: Path) -> LabImage:
@@ -178,6 +187,7 @@ def _populate(w: cpio.CpioWriter, kern: kernel_mod.GuestKernel, py: pyruntime.Py
     w.add_chardev("dev/console", 5, 1)
     w.add_chardev("dev/null", 1, 3, 0o666)
     w.add_bytes("init", guest_init.INIT_SCRIPT.encode(), 0o755)
+    w.add_bytes("lab/lib.sh", guest_init.LIB_SCRIPT.encode(), 0o644)
     w.add_file("bin/busybox", busybox, 0o755)
     for applet in _busybox_applets(busybox):
         if applet not in ("bin/busybox", "init", "linuxrc"):

@@ -129,7 +129,7 @@ class Guest:
                  accel: str = "tcg", workdir: Optional[Path] = None,
                  console_log: Optional[Path] = None,
                  on_line: Optional[Callable[[str], None]] = None,
-                 append: str = "") -> None:
+                 append: str = "", files_port: bool = False) -> None:
         if shutil.which(QEMU) is None:
             raise VmtraceError(f"{QEMU} not found: apt-get install qemu-system-x86 (make deps does it)")
         self.image = image
@@ -152,6 +152,15 @@ class Guest:
         self._t0 = 0.0
         self._ready_index = 0
         self.qemu_args = list(qemu_args)
+        self.files_out: Optional[Path] = None
+        if files_port:
+            # A port of our own, on its own controller so its numbering cannot collide
+            # with the wiring we were given; QEMU writes what the guest sends to a file.
+            self.files_out = self.workdir / "lab-files.tar"
+            self.qemu_args += ["-device", "virtio-serial-pci,id=vmtlab",
+                               "-chardev", f"file,id=vmtlabf,path={self.files_out}",
+                               "-device", "virtserialport,bus=vmtlab.0,nr=1,chardev=vmtlabf,"
+                               "name=vmtrace-lab-files"]
         initrd = self.workdir / "initrd.gz"
         with open(initrd, "wb") as out, open(image.initrd, "rb") as base:
             shutil.copyfileobj(base, out, 1 << 20)
@@ -262,15 +271,32 @@ class Guest:
         return self.exit_code
 
     def script_lines(self) -> list[str]:
-        lines = self.console[self._ready_index:]
         tag = f"VMTRACE-LAB-{self.nonce} EXIT"
-        return [l for l in lines if not l.startswith(tag)]
+        out = []
+        for line in self.console[self._ready_index:]:
+            if line.startswith(tag):
+                break
+            out.append(line)
+        return out
 
     def result(self) -> GuestResult:
         return GuestResult(self.exit_code, self._proc.returncode if self._proc else None,
                            list(self.console), dict(self.ready), self.accel,
                            round(time.monotonic() - self._t0, 2),
                            self._stderr.decode("utf-8", "replace"), self.script_lines())
+
+    def received_files(self, dest: Path) -> Path:
+        """Unpack what the guest sent with `lab_send` (files_port=True) into `dest`."""
+        import tarfile
+        if self.files_out is None or not self.files_out.is_file() or not self.files_out.stat().st_size:
+            raise VmtraceError("the guest sent no files over the lab port")
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            with tarfile.open(self.files_out) as tar:
+                tar.extractall(dest, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise VmtraceError(f"the files the guest sent are damaged: {exc}") from exc
+        return dest
 
     def kill(self) -> None:
         """Power off the hard way: SIGTERM, then SIGKILL if QEMU does not go."""
