@@ -141,7 +141,7 @@ class Session:
         if name not in self._markers:
             out = []
             for e in self.raw_events(name):
-                if event_name(e) != "print":
+                if getattr(e, "kind", "event") != "event" or event_name(e) != "print":
                     continue
                 m = _MARK.search(str(e.fields.get("buf", "")))
                 if m:
@@ -243,13 +243,27 @@ def _mapped(batch: list, name: str, cmap: ClockMap) -> Iterator[MergedEvent]:
     cpus = np.fromiter((int(e.cpu) for e in batch), dtype=np.int64, count=len(batch))
     host = cmap.to_host(raw, cpus)
     for e, h, r in zip(batch, host.tolist(), raw.tolist()):
+        if getattr(e, "kind", "event") == "lost":
+            # the kernel dropped events here: keep the mark on the timeline
+            yield MergedEvent(h, name, int(e.cpu), -1, "", LOST, {"count": int(e.count)}, "", r)
+            continue
         yield MergedEvent(h, name, int(e.cpu), int(e.pid), str(e.comm), event_name(e),
                           dict(e.fields), str(getattr(e, "system", "") or ""), r)
 
 
+LOST = "lost_events"
+
+
 def event_name(e: Any) -> str:
-    """Our records say ``event``; vmtrace.api's Event says ``name``."""
-    return str(getattr(e, "event", None) or getattr(e, "name", ""))
+    """The bare event name (``sched_switch``), as trace-cmd prints it.
+
+    vmtrace.api's Event has ``name`` (bare) and ``event`` (``system:name``); records
+    made elsewhere may only have ``event``.
+    """
+    if getattr(e, "kind", "event") == "lost":
+        return LOST
+    n = getattr(e, "name", None) or getattr(e, "event", "") or ""
+    return str(n).rpartition(":")[2]
 
 
 def open_session(directory: str, reader: Optional[Reader] = None) -> Session:
