@@ -43,7 +43,7 @@ def validate_name(name: str) -> str:
     The pattern alone would let an event called ``..`` through; path components that
     are ``.`` or ``..`` are refused as well, so a name can never leave ``metadata/``.
     """
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise VmtraceError(f"refusing metadata name {name!r}: not an allowed raw-directory name")
     if any(part in (".", "..") for part in name.split("/")):
         raise VmtraceError(f"refusing metadata name {name!r}: '.' or '..' component")
@@ -197,7 +197,7 @@ class RawDir(TraceSource):
         clock = m.get("clock") if isinstance(m.get("clock"), str) else None
         buf = Buffer(name="", clock=clock, page_size=self.page_size)
         for entry in sorted(root.iterdir(), key=lambda p: p.name):
-            mt = CPU_FILE_RE.match(entry.name)
+            mt = CPU_FILE_RE.fullmatch(entry.name)
             if mt and entry.is_file():
                 buf.cpus.append(self._cpu(int(mt.group(1)), entry))
         buf.cpus.sort(key=lambda c: c.cpu)
@@ -217,7 +217,7 @@ class RawDir(TraceSource):
                 for evdir in sorted(sysdir.iterdir()):
                     name = f"events/{sysdir.name}/{evdir.name}/format"
                     f = evdir / "format"
-                    if not NAME_RE.match(name) or not f.is_file():
+                    if not NAME_RE.fullmatch(name) or not f.is_file():
                         continue    # stray files are ignored, never followed
                     data = _read_capped(f, MAX_METADATA_FILE, src)
                     if sysdir.name == "ftrace":
