@@ -1,0 +1,491 @@
+"""The agent itself: sets up tracefs, ports and pumps, obeys the host, shuts down cleanly.
+
+One main thread runs the control loop (control port, signals, placement, --duration);
+one pump thread per traced CPU moves pages. Every way out (stop order, ``bye``,
+SIGINT, SIGTERM, --duration) goes through the same path: stop the pumps (they flush the
+last partial pages), restore the tracefs settings a ``configure`` changed, write the
+final stats, print one summary line, exit 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+from vmtrace import protocol
+from vmtrace.agent import VERSION, metadata, ports
+from vmtrace.agent.control import ControlChannel, Controller
+from vmtrace.agent.placement import Placement
+from vmtrace.agent.pump import EXIT, IDLE, RUN, FdSink, Pump, Sink
+from vmtrace.agent.splice import IMPLEMENTATION as SPLICE_IMPL
+from vmtrace.agent.stream import StreamSink, StreamWriter, write_metadata_dir
+from vmtrace.errors import VmtraceError
+from vmtrace.tracefs import CpuStats, Settings, Tracefs, mount, online_cpus, parse_event_spec
+
+# user-space clocks that read the same time base as the trace clock of that name
+EXACT_CLOCKS = {
+    "mono": ("CLOCK_MONOTONIC", 1),
+    "mono_raw": ("CLOCK_MONOTONIC_RAW", 4),
+    "boot": ("CLOCK_BOOTTIME", 7),
+    "tai": ("CLOCK_TAI", 11),
+}
+PLACEMENT_PERIOD = 2.0
+
+
+class Options:
+    """The agent's settings, as parsed by ``vmtrace.agent.__main__``."""
+
+    def __init__(self, **kw: Any):
+        self.instance: Optional[str] = kw.get("instance")
+        self.ports_dir: Optional[str] = kw.get("ports_dir")
+        self.stdout: bool = kw.get("stdout", False)
+        self.output_dir: Optional[str] = kw.get("output_dir")
+        self.pipe_size: int = kw.get("pipe_size", 1 << 20)
+        self.flush_interval: float = kw.get("flush_interval", 1.0)
+        self.pump_cpus: Any = kw.get("pump_cpus", "auto")
+        self.start: bool = kw.get("start", False)
+        self.duration: Optional[float] = kw.get("duration")
+        self.kallsyms: bool = kw.get("kallsyms", True)
+        self.exit_grace: float = kw.get("exit_grace", 2.0)
+        self.tracefs_root: Optional[str] = kw.get("tracefs_root")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Agent:
+    def __init__(self, opts: Options):
+        self.opts = opts
+        root = opts.tracefs_root or mount()
+        self.created_instance = False
+        if opts.instance is not None:
+            self.tf = Tracefs(root, opts.instance)
+            if not os.path.isdir(self.tf.path):
+                self.tf = Tracefs.create_instance(opts.instance, root)
+                self.created_instance = True
+        else:
+            self.tf = Tracefs(root)
+        self.online = online_cpus()
+        self.cpus = self.tf.cpus()
+        have = set()
+        try:
+            have = {int(n[3:]) for n in os.listdir(self.tf.file("per_cpu")) if n[3:].isdigit()}
+        except OSError:
+            pass
+        self.offline = sorted(have - set(self.online))
+        if not self.cpus:
+            raise VmtraceError("no online CPU has %s" % self.tf.file("per_cpu", "cpuN", "trace_pipe_raw"))
+        self.page_size = self.tf.subbuf_size()
+        self.stats0: Dict[int, CpuStats] = {c: self.tf.cpu_stats(c) for c in self.cpus}
+        self.pumps: Dict[int, Pump] = {}
+        self.running = False
+        self.started_once = False
+        self.saved: Optional[Settings] = None
+        self.configured = False
+        self.exit_reason: Optional[str] = None
+        self.controller: Optional[Controller] = None
+        self.channel: Optional[ControlChannel] = None
+        self.writer: Optional[StreamWriter] = None
+        self.placement = Placement(opts.pump_cpus, self.online)
+        self.main_tid = threading.get_native_id()
+        self.t_start: Optional[float] = None
+        self._marker_fd: Optional[int] = None
+        self._lock = threading.RLock()
+        self._frozen: Optional[Dict[str, Dict[str, Any]]] = None
+
+    # -- setup ---------------------------------------------------------------------------
+    def _sinks(self, should_stop: Any) -> Dict[int, Sink]:
+        sinks: Dict[int, Sink] = {}
+        if self.opts.output_dir:
+            os.makedirs(self.opts.output_dir, exist_ok=True)
+            for cpu in self.cpus:
+                path = os.path.join(self.opts.output_dir, "cpu%d" % cpu)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                sinks[cpu] = FdSink(fd, path)
+            return sinks
+        if self.opts.stdout:
+            self.writer = StreamWriter(sys.stdout.fileno())
+            return {cpu: StreamSink(self.writer, cpu) for cpu in self.cpus}
+        names = [ports.data_port_name(c) for c in self.cpus]
+        found = ports.locate(names, self.opts.ports_dir)
+        for cpu, name in zip(self.cpus, names):
+            if name not in found:
+                where = self.opts.ports_dir or "%s or %s/*/name" % (ports.DEV_DIR, ports.SYS_DIR)
+                raise VmtraceError("no port %s for online CPU %d (looked in %s)" % (name, cpu, where))
+        for cpu, name in zip(self.cpus, names):
+            fd = ports.open_port(found[name], True, should_stop)
+            if fd is None:
+                raise VmtraceError("interrupted while waiting for port %s" % found[name].path)
+            sinks[cpu] = FdSink(fd, found[name].path)
+        return sinks
+
+    def _control(self, should_stop: Any) -> Optional[ControlChannel]:
+        if (self.opts.output_dir or self.opts.stdout) and self.opts.ports_dir is None and self.opts.start:
+            found = {}
+        else:
+            found = ports.locate([ports.CTL_PORT], self.opts.ports_dir)
+        spec = found.get(ports.CTL_PORT)
+        if spec is None:
+            if self.opts.start:
+                return None
+            where = self.opts.ports_dir or "%s or %s/*/name" % (ports.DEV_DIR, ports.SYS_DIR)
+            raise VmtraceError("no control port %s (looked in %s); use --start to run without one"
+                               % (ports.CTL_PORT, where))
+        fd = ports.open_port(spec, False, should_stop)
+        if fd is None:
+            raise VmtraceError("interrupted while waiting for port %s" % spec.path)
+        reply = spec.path + ".out" if spec.kind == "fifo" else None
+        return ControlChannel(fd, spec.kind, reply)
+
+    def setup(self, should_stop: Any) -> None:
+        if self.offline:
+            print("vmtrace-agent: skipping offline CPUs %s" % ",".join(map(str, self.offline)), file=sys.stderr)
+        first = self.placement.initial()
+        if first:
+            try:
+                os.sched_setaffinity(0, first)
+            except OSError:
+                pass
+        self.channel = self._control(should_stop)
+        if self.channel is not None:
+            self.controller = Controller(self, self.channel)
+        sinks = self._sinks(should_stop)
+        for cpu in self.cpus:
+            self.pumps[cpu] = Pump(cpu, self.tf.trace_pipe_raw(cpu), sinks[cpu], self.page_size,
+                                   self.opts.pipe_size, self.opts.flush_interval, self.opts.exit_grace)
+        for pump in self.pumps.values():
+            pump.start()
+            pump.started_evt.wait(5)
+        self.placement.apply(self._tids(), self.main_tid)
+        self._write_metadata(final=False)
+
+    def _tids(self) -> Dict[int, Optional[int]]:
+        return {cpu: p.tid for cpu, p in self.pumps.items()}
+
+    # -- actions (control thread) ---------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self.running:
+                return
+            if not self.pumps:
+                raise VmtraceError("agent is not set up")
+            events = [p.request(RUN) for p in self.pumps.values()]
+            for ev in events:
+                ev.wait(5)
+            if self.configured:
+                self.tf.tracing_on = True
+            self.running = True
+            self.started_once = True
+            if self.t_start is None:
+                self.t_start = time.monotonic()
+
+    def stop(self) -> None:
+        with self._lock:
+            if not self.running:
+                return
+            if self.configured:
+                self.tf.tracing_on = False
+            events = [p.request(IDLE) for p in self.pumps.values()]
+            for ev in events:
+                ev.wait(self.opts.exit_grace + 30)
+            self.running = False
+            # Freeze the counters here: what ftrace overwrites after we stopped reading
+            # is not something the agent lost.
+            self._frozen = self._stats_now()
+
+    def request_exit(self, reason: str) -> None:
+        if self.exit_reason is None:
+            self.exit_reason = reason
+
+    def configure(self, fields: Dict[str, Any]) -> None:
+        msg = protocol.Message(protocol.CONFIGURE, fields)
+        events = protocol.require(msg, "events", list, optional=True)
+        clock = protocol.require(msg, "clock", str, optional=True)
+        size = protocol.require(msg, "buffer_size_kb", int, optional=True)
+        pct = protocol.require(msg, "buffer_percent", int, optional=True)
+        with self._lock:
+            if self.running:
+                raise VmtraceError("configure refused while tracing is started; stop first")
+            if events is not None:
+                for spec in events:
+                    if not isinstance(spec, str):
+                        raise VmtraceError("configure: event %r is not a string" % (spec,))
+                    if spec.strip() in ("all", "*"):
+                        continue
+                    system, event = parse_event_spec(spec)
+                    if not os.path.isdir(self.tf.event_dir(system, event)):
+                        raise VmtraceError("configure: no such trace event %s" % spec)
+            if clock is not None and clock not in self.tf.clocks:
+                raise VmtraceError("configure: trace clock %r not offered (has: %s)" % (clock, " ".join(self.tf.clocks)))
+            if size is not None and not 4 <= size <= (1 << 22):
+                raise VmtraceError("configure: buffer_size_kb %d out of range 4..4194304" % size)
+            if pct is not None and not 0 <= pct <= 100:
+                raise VmtraceError("configure: buffer_percent %d out of range 0..100" % pct)
+            if self.saved is None:
+                self.saved = self.tf.snapshot()
+            self.configured = True
+            self.tf.tracing_on = False
+            if events is not None:
+                self.tf.disable_all_events()
+                self.tf.enable_events(events)
+            if clock is not None:
+                self.tf.clock = clock
+            if size is not None:
+                self.tf.buffer_size_kb = size
+            if pct is not None:
+                self.tf.buffer_percent = pct
+
+    # -- information ------------------------------------------------------------------------
+    def hello_fields(self) -> Dict[str, Any]:
+        tf = self.tf
+        return {
+            "protocol": protocol.VERSION,
+            "agent_version": VERSION,
+            "kernel": os.uname().release,
+            "hostname": os.uname().nodename,
+            "machine": os.uname().machine,
+            "cpus": self.cpus,
+            "offline": self.offline,
+            "nr_cpus": max(self.cpus + self.offline) + 1,
+            "page_size": self.page_size,
+            "long_size": metadata.long_size(),
+            "endian": sys.byteorder,
+            "clocks": tf.clocks,
+            "clock": tf.clock,
+            "instance": tf.instance,
+            "buffer_size_kb": tf.buffer_size_kb,
+            "buffer_percent": tf.buffer_percent,
+            "events": tf.enabled_events(),
+            "running": self.running,
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "splice": SPLICE_IMPL,
+        }
+
+    def _agent_info(self) -> Dict[str, Any]:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "version": VERSION,
+            "pid": os.getpid(),
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "splice": SPLICE_IMPL,
+            "cpu_time_s": round(ru.ru_utime + ru.ru_stime, 4),
+            "pump_cpus": self.placement.describe(),
+        }
+
+    def stats(self) -> Dict[str, Dict[str, Any]]:
+        """Per-CPU counters since the agent started (frozen at the last stop)."""
+        if not self.running and self._frozen is not None:
+            return self._frozen
+        return self._stats_now()
+
+    def _stats_now(self) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Dict[str, Any]] = {}
+        for cpu in self.cpus:
+            try:
+                now = self.tf.cpu_stats(cpu)
+            except VmtraceError:
+                now = self.stats0[cpu]
+            s0 = self.stats0[cpu]
+            p = self.pumps[cpu].stats if cpu in self.pumps else None
+            overrun = max(0, now.overrun - s0.overrun)
+            dropped = max(0, now.dropped_events - s0.dropped_events)
+            out[str(cpu)] = {
+                "entries": now.entries,
+                "overrun": overrun,
+                "dropped_events": dropped,
+                "read_events": max(0, now.read_events - s0.read_events),
+                "bytes_sent": p.bytes_sent if p else 0,
+                "pages_sent": p.pages_sent if p else 0,
+                "partial_pages": p.partial_pages if p else 0,
+                "pages_dropped": p.pages_dropped if p else 0,
+                "lost_events": overrun + dropped,
+                "error": p.error if p else None,
+            }
+        return out
+
+    def stats_fields(self) -> Dict[str, Any]:
+        return {"cpus": self.stats(), "agent": self._agent_info(), "running": self.running}
+
+    def metadata_files(self, with_kallsyms: bool = True, stats: Optional[Dict[str, Any]] = None) -> Dict[str, bytes]:
+        meta = metadata.meta(self.tf, self.cpus, self.offline, self.page_size, self._agent_info(),
+                             self._options(), stats)
+        return metadata.collect(self.tf, meta, with_kallsyms)
+
+    def _options(self) -> Dict[str, Any]:
+        o = self.opts.as_dict()
+        o["buffer_percent"] = self.tf.buffer_percent
+        o["buffer_size_kb"] = self.tf.buffer_size_kb
+        if not isinstance(o.get("pump_cpus"), (str, list)):
+            o["pump_cpus"] = str(o.get("pump_cpus"))
+        return o
+
+    def read_clock(self) -> Dict[str, Any]:
+        try:
+            clock = self.tf.clock
+        except VmtraceError:
+            clock = "unknown"
+        name, num = EXACT_CLOCKS.get(clock, ("CLOCK_MONOTONIC", 1))
+        cid = getattr(time, name, num)
+        return {"clock": clock, "guest_ns": time.clock_gettime_ns(cid), "source": name,
+                "approximate": clock not in EXACT_CLOCKS}
+
+    def time_probe(self, seq: Optional[int], reading: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        fields = dict(reading or self.read_clock())
+        fields["seq"] = seq
+        fields["marker"] = self._marker("vmtrace-probe seq=%s\n" % seq)
+        return fields
+
+    def _marker(self, text: str) -> bool:
+        try:
+            if self._marker_fd is None:
+                self._marker_fd = os.open(self.tf.file("trace_marker"), os.O_WRONLY | os.O_CLOEXEC)
+            os.write(self._marker_fd, text.encode())
+            return True
+        except OSError:
+            return False
+
+    # -- output of metadata -----------------------------------------------------------------
+    def _write_metadata(self, final: bool) -> None:
+        stats = self.stats() if final else None
+        if final:
+            # kallsyms does not change while we run; only refresh what can
+            meta = metadata.meta(self.tf, self.cpus, self.offline, self.page_size, self._agent_info(),
+                                 self._options(), stats)
+            files = {"saved_cmdlines": self.tf.saved_cmdlines(),
+                     "meta.json": json.dumps(meta, indent=1, sort_keys=True).encode()}
+            files.update(metadata.event_formats(self.tf))
+        else:
+            files = self.metadata_files(self.opts.kallsyms)
+        if self.opts.output_dir:
+            write_metadata_dir(self.opts.output_dir, files)
+        elif self.writer is not None:
+            self.writer.message(protocol.pack_files(files))
+            if final:
+                self.writer.message(protocol.msg("end", stats=stats))
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(sig_w)
+        caught: List[int] = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            caught.append(signum)
+            self.request_exit(signal.Signals(signum).name)
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.setup(lambda: bool(caught))
+            if self.opts.start and self.exit_reason is None:
+                self.start()
+            self._loop(sig_r)
+        finally:
+            self._shutdown()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old.items():
+                signal.signal(s, h)
+            os.close(sig_r)
+            os.close(sig_w)
+        return 0
+
+    def _loop(self, sig_r: int) -> None:
+        next_place = time.monotonic() + PLACEMENT_PERIOD
+        ctl_quiet_until = 0.0
+        while self.exit_reason is None:
+            now = time.monotonic()
+            if self.opts.duration is not None and self.t_start is not None:
+                left = self.t_start + self.opts.duration - now
+                if left <= 0:
+                    self.request_exit("duration")
+                    break
+            else:
+                left = None
+            p = select.poll()
+            p.register(sig_r, select.POLLIN)
+            ch = self.channel
+            if ch is not None and now >= ctl_quiet_until:
+                p.register(ch.fd, select.POLLIN)
+            timeout = max(0.0, next_place - now)
+            if left is not None:
+                timeout = min(timeout, left)
+            if ch is not None and now < ctl_quiet_until:
+                timeout = min(timeout, ctl_quiet_until - now)
+            try:
+                events = p.poll(int(timeout * 1000) + 1)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                if fd == sig_r:
+                    try:
+                        os.read(sig_r, 64)
+                    except BlockingIOError:
+                        pass
+                elif ch is not None and fd == ch.fd and self.controller is not None:
+                    if ev & select.POLLIN:
+                        self.controller.on_readable()
+                    elif ev & (select.POLLHUP | select.POLLERR):
+                        ch.eof = True
+                    if ch.eof:
+                        if ch.kind == "socket":
+                            print("vmtrace-agent: the host closed the control socket", file=sys.stderr)
+                            self.request_exit("control closed")
+                        else:
+                            # a virtio port without a host attached reports HUP: listen again later
+                            ch.eof = False
+                            ctl_quiet_until = time.monotonic() + 0.5
+            if time.monotonic() >= next_place:
+                self.placement.reevaluate(self._tids(), self.main_tid)
+                next_place = time.monotonic() + PLACEMENT_PERIOD
+
+    def _shutdown(self) -> None:
+        try:
+            self.stop()
+        finally:
+            for pump in self.pumps.values():
+                pump.request(EXIT)
+            for pump in self.pumps.values():
+                pump.join(self.opts.exit_grace + 30)
+        errors = []
+        if self.saved is not None:
+            try:
+                self.tf.restore(self.saved)
+            except VmtraceError as exc:
+                errors.append(str(exc))
+        if self.pumps:
+            try:
+                self._write_metadata(final=True)
+            except (OSError, VmtraceError) as exc:
+                errors.append("final metadata: %s" % exc)
+        if self._marker_fd is not None:
+            os.close(self._marker_fd)
+        if self.channel is not None:
+            self.channel.close()
+        if self.created_instance:
+            try:
+                self.tf.remove()
+            except VmtraceError as exc:
+                errors.append(str(exc))
+        for e in errors:
+            print("vmtrace-agent: %s" % e, file=sys.stderr)
+        if self.pumps:
+            print(self.summary(), file=sys.stderr)
+
+    def summary(self) -> str:
+        st = self.stats()
+        total = sum(s["bytes_sent"] for s in st.values())
+        pages = sum(s["pages_sent"] for s in st.values())
+        partial = sum(s["partial_pages"] for s in st.values())
+        lost = sum(s["lost_events"] for s in st.values())
+        dropped = sum(s["pages_dropped"] for s in st.values())
+        info = self._agent_info()
+        per100 = info["cpu_time_s"] / (total / 100e6) if total else 0.0
+        return ("vmtrace-agent: cpus %s: %.1f MB in %d pages (%d partial), %d lost events, %d pages dropped, "
+                "cpu %.2f s (%.2f s/100MB), pumps on %s, stopped by %s"
+                % (",".join(map(str, self.cpus)), total / 1e6, pages, partial, lost, dropped,
+                   info["cpu_time_s"], per100, info["pump_cpus"], self.exit_reason or "end"))
