@@ -334,24 +334,40 @@ class Trace:
 
     def event_table(self, event: str, cpus: Optional[Iterable[int]] = None, start: Time = None,
                     end: Time = None, buffer: Optional[str] = None) -> Any:
-        """One event type with its fields as typed columns (ints, strings, lists)."""
-        import pyarrow as pa
+        """One event type with its fields as typed columns (ints, strings, lists).
+
+        A field named like a base column (``cpu`` of workqueue events) is called
+        ``field_cpu``.
+        """
         fmt = self.catalog.by_name(event)
         if fmt is None:
             raise VmtraceError(f"{self.name}: no event {event!r} in this trace")
-        parts = []
-        for cpu, batch, keep in self._batches_selected(cpus, [fmt.full_name], start, end, buffer):
-            sel = np.nonzero(keep & (batch.type_id == fmt.id))[0]
-            if not sel.size:
+        parts = [cols for _, cols in self.event_parts([fmt.full_name], cpus, start, end, buffer)]
+        return _sorted_table(parts, event_schema(fmt))
+
+    def event_parts(self, events: Optional[Sequence[str]] = None,
+                    cpus: Optional[Iterable[int]] = None, start: Time = None, end: Time = None,
+                    buffer: Optional[str] = None) -> Iterator[Tuple[EventFormat, Dict[str, Any]]]:
+        """(format, arrow columns) per event type per decoded chunk, in one pass.
+
+        Exports of many event types use this so the trace is decoded once, not once
+        per type; chunks arrive per CPU, not in global time order.
+        """
+        for cpu, batch, keep in self._batches_selected(cpus, events, start, end, buffer):
+            if not keep.any():
                 continue
-            cols = self._base_columns(cpu, batch, sel)
-            del cols["event"]
-            fields = fmt.columns(batch, sel, keep_going=self.keep_going)
-            for f in fmt.event_fields:
-                cols[f.name] = _arrow_column(fields[f.name], f)
-            parts.append(cols)
-        schema = _event_schema(fmt)
-        return _sorted_table(parts, schema)
+            tids = batch.type_id
+            for t in np.unique(tids[keep]).tolist():
+                fmt = self.catalog.get(t)
+                if fmt is None:
+                    continue
+                sel = np.nonzero(keep & (tids == t))[0]
+                cols = self._base_columns(cpu, batch, sel)
+                del cols["event"]
+                fields = fmt.columns(batch, sel, keep_going=self.keep_going)
+                for f in fmt.event_fields:
+                    cols[_column_name(f.name)] = _arrow_column(fields[f.name], f)
+                yield fmt, cols
 
     # -- counts ----------------------------------------------------------------------
     def stats(self, buffer: Optional[str] = None) -> Dict[str, Any]:
@@ -445,11 +461,20 @@ def _arrow_column(values: np.ndarray, f: Any) -> Any:
     return pa.array(values.tolist(), typ)
 
 
-def _event_schema(fmt: EventFormat) -> Any:
+_BASE_NAMES = ("ts", "cpu", "pid", "comm", "event")
+
+
+def _column_name(field_name: str) -> str:
+    """An event field named like a base column ("cpu" of workqueue events) gets a prefix."""
+    return f"field_{field_name}" if field_name in _BASE_NAMES else field_name
+
+
+def event_schema(fmt: EventFormat) -> Any:
+    """The arrow schema of :meth:`Trace.event_table` for ``fmt``."""
     import pyarrow as pa
     base = _base_schema()
     fields = [base.field(n) for n in ("ts", "cpu", "pid", "comm")]
-    fields += [pa.field(f.name, _arrow_type(f)) for f in fmt.event_fields]
+    fields += [pa.field(_column_name(f.name), _arrow_type(f)) for f in fmt.event_fields]
     return pa.schema(fields, metadata={b"event": fmt.full_name.encode()})
 
 
@@ -461,7 +486,7 @@ def _sorted_table(parts: List[Dict[str, Any]], schema: Any) -> Any:
     tables = [pa.table(p, schema=schema) for p in parts]
     t = pa.concat_tables(tables).unify_dictionaries() if len(tables) > 1 else tables[0]
     if len(tables) > 1:
-        import pyarrow.compute as pc
-        order = pc.sort_indices(t, sort_keys=[("ts", "ascending"), ("cpu", "ascending")])
-        t = t.take(order)
+        ts = np.concatenate([p["ts"].to_numpy() for p in parts])
+        cpu = np.concatenate([p["cpu"].to_numpy() for p in parts])
+        t = t.take(pa.array(np.lexsort((cpu, ts))))
     return t
