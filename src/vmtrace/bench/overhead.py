@@ -172,6 +172,7 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
     reader_cpus = [c for c in online if c != cfg.workload_cpu] or [cfg.workload_cpu]
 
     t0 = time.time()
+    load_start = os.getloadavg()
     tf = Tracefs.create_instance("vmtrace-bench-%d" % os.getpid())
     scratch = Path(tempfile.mkdtemp(prefix="vmtrace-bench-"))
     runs: Dict[str, Dict[str, List[dict]]] = {w: {c.name: [] for c in active} for w in cfg.workloads}
@@ -194,6 +195,8 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
         "setting": "host",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
         "duration_s": round(time.time() - t0, 1),
+        # other tenants of the machine are the main noise source: keep the evidence
+        "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "params": {
             "seconds": cfg.seconds, "reps": cfg.reps, "quick": cfg.quick, "events": list(cfg.events),
             "buffer_size_kb": cfg.buffer_kb, "workload_cpu": cfg.workload_cpu, "reader_cpus": reader_cpus,

@@ -30,6 +30,11 @@ def _stdout_console():
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+def _say():
+    con = _console()
+    return lambda msg: con.print("[dim]%s[/dim]" % msg)
+
+
 def _out_option(f):
     return click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
                         help="Directory for the JSON and PNG (default: bench/results/).")(f)
@@ -57,9 +62,8 @@ def overhead_cmd(seconds: Optional[float], reps: Optional[int], quick: bool, gue
     from vmtrace.bench import overhead, results
 
     if guest:
-        if importlib.util.find_spec("vmtrace.lab") is None or not hasattr(importlib.import_module("vmtrace.lab"), "bench_guest"):
-            raise VmtraceError("bench overhead --guest: the TCG guest lab (vmtrace.lab) is not available yet; "
-                               "run without --guest to measure on the host's tracefs")
+        raise VmtraceError("bench overhead --guest is not available yet (the in-guest runner over "
+                           "vmtrace.lab is not written); run without --guest to measure on the host's tracefs")
     cfg = overhead.Config.quick_config() if quick else overhead.Config()
     if seconds is not None:
         cfg.seconds = seconds
@@ -73,7 +77,7 @@ def overhead_cmd(seconds: Optional[float], reps: Optional[int], quick: bool, gue
             names.insert(0, "native")
         cfg.collectors = tuple(n for n in ("off", "native", "vmtrace", "seedlike", "copy", "text") if n in names)
     con = _console()
-    doc = overhead.run(cfg, progress=lambda msg: con.print("[dim]%s[/dim]" % msg))
+    doc = overhead.run(cfg, progress=_say())
     results.attach_context(doc)
     out_dir = out or results.DEFAULT_DIR
     js = results.write_json(doc, out_dir, "overhead")
@@ -123,7 +127,7 @@ def decode_cmd(trace: Path, reps: int, out: Optional[Path]) -> None:
         raise VmtraceError("bench decode: %s: no such file" % trace)
     if reps < 1:
         raise VmtraceError("--reps must be >= 1")
-    _emit(_call_run("vmtrace.bench.decode", "decode", trace_path=trace, reps=reps), "decode", out)
+    _emit(_call_run("vmtrace.bench.decode", "decode", trace_path=trace, reps=reps, progress=_say()), "decode", out)
 
 
 @command.command("drain")
@@ -133,7 +137,8 @@ def decode_cmd(trace: Path, reps: int, out: Optional[Path]) -> None:
 @_out_option
 def drain_cmd(seconds: Optional[float], reps: Optional[int], quick: bool, out: Optional[Path]) -> None:
     """Host drain loop against one `cat` per FIFO."""
-    _emit(_call_run("vmtrace.bench.drain", "drain", seconds=seconds, reps=reps, quick=quick or None), "drain", out)
+    _emit(_call_run("vmtrace.bench.drain", "drain", seconds=seconds, reps=reps, quick=quick or None,
+                    progress=_say()), "drain", out)
 
 
 if __name__ == "__main__":  # pragma: no cover
