@@ -619,30 +619,48 @@ def _text(v: Any) -> str:
 
 @dataclass(frozen=True)
 class FieldInfo:
-    """What the compiler needs to know about a field: how its decoded value looks."""
+    """What the compiler needs to know about a field: where it is and how it decodes."""
     name: str
-    size: int = 8            # size of the scalar, or of one element for arrays
+    offset: int = 0
+    size: int = 8            # bytes the field occupies in the payload (data_loc: 4)
     signed: bool = False
     is_array: bool = False
     is_string: bool = False  # char arrays and __data_loc char[]: decoded as str
     is_dynamic: bool = False
-    elsize: int = 1
+    is_rel: bool = False     # __rel_loc: offset counted from the end of the field
+    elsize: int = 1          # bytes per element (scalars: == size)
 
 
-_ELEM_SIZE = {"char": 1, "short": 2, "int": 4, "long": 8}
+# events.Field.kind -> (is_array, is_string, is_dynamic)
+_KINDS = {"scalar": (False, False, False), "string": (True, True, False),
+          "array": (True, False, False), "dynstr": (True, True, True),
+          "dynarray": (True, False, True), "flexstr": (True, True, False),
+          "flexarray": (True, False, False)}
 
 
 def field_info(f: Any, long_size: int = 8) -> FieldInfo:
     """Adapt an EventFormat field (or a similar object / dict) into a FieldInfo."""
+    if isinstance(f, FieldInfo):
+        return f
     get = (lambda k, d=None: f.get(k, d)) if isinstance(f, Mapping) else (lambda k, d=None: getattr(f, k, d))
-    name = get("name")
+    name = str(get("name"))
     ctype = str(get("type", "") or get("ctype", "") or "")
     size = int(get("size", 0) or 0)
+    offset = int(get("offset", 0) or 0)
     signed = bool(get("signed", False))
-    dyn = bool(get("is_dynamic", False) or get("data_loc", False)) or ctype.startswith(("__data_loc", "__rel_loc"))
-    arr = bool(get("is_array", False) or get("array", False) or dyn or "[" in ctype or "[" in str(name))
-    if "[" in str(name):
-        name = str(name).split("[", 1)[0]
+    kind = get("kind")
+    if isinstance(kind, str) and kind in _KINDS:   # a vmtrace.format.events.Field
+        arr, is_string, dyn = _KINDS[kind]
+        if "[" in name:
+            name = name.split("[", 1)[0]
+        return FieldInfo(name=name, offset=offset, size=size, signed=signed, is_array=arr,
+                         is_string=is_string, is_dynamic=dyn, is_rel=bool(get("rel", False)),
+                         elsize=max(1, int(get("elem_size", 0) or (size if not arr else 1))))
+    rel = ctype.startswith("__rel_loc") or bool(get("is_rel", False))
+    dyn = bool(get("is_dynamic", False) or get("data_loc", False)) or rel or ctype.startswith("__data_loc")
+    arr = bool(get("is_array", False) or get("array", False) or dyn or "[" in ctype or "[" in name)
+    if "[" in name:
+        name = name.split("[", 1)[0]
     base = re.sub(r"\[.*", "", ctype.replace("__data_loc", "").replace("__rel_loc", "")).strip()
     is_string = arr and re.search(r"\bchar\b", base) is not None and "*" not in base
     elsize = size
@@ -653,8 +671,124 @@ def field_info(f: Any, long_size: int = 8) -> FieldInfo:
             elsize = (t[0] // 8) if t else 1
             if re.search(r"\blong\b", base) and base.count("long") == 1 and long_size == 4:
                 elsize = 4
-    return FieldInfo(name=name, size=size, signed=signed, is_array=arr,
-                     is_string=is_string, is_dynamic=dyn, elsize=max(1, elsize))
+    return FieldInfo(name=name, offset=offset, size=size, signed=signed, is_array=arr,
+                     is_string=is_string, is_dynamic=dyn, is_rel=rel, elsize=max(1, elsize))
+
+
+# Payload readers used by generated code in payload mode. Each copes with a short or
+# hostile payload by returning an empty value: a wrong length must not stop a report.
+
+def _cstr(p: Any, off: int, size: int) -> str:
+    b = bytes(p[off:off + size] if size else p[off:])
+    i = b.find(b"\0")
+    return (b if i < 0 else b[:i]).decode("utf-8", "replace")
+
+
+def _loc(p: Any, off: int, rel: bool) -> tuple[int, int]:
+    if off + 4 > len(p):
+        return 0, 0
+    v = int.from_bytes(p[off:off + 4], "little")
+    start = v & 0xFFFF
+    if rel:
+        start += off + 4
+    return start, v >> 16
+
+
+def _dstr(p: Any, off: int, rel: bool) -> str:
+    start, n = _loc(p, off, rel)
+    if not n:
+        return ""
+    return _cstr(p, start, n)
+
+
+def _ints(b: bytes, elsize: int, signed: bool) -> list:
+    if elsize not in (1, 2, 4, 8):
+        return list(b)
+    code = {1: "b", 2: "h", 4: "i", 8: "q"}[elsize]
+    code = code if signed else code.upper()
+    n = len(b) // elsize
+    return list(struct.unpack_from("<%d%s" % (n, code), b)) if n else []
+
+
+def _darr(p: Any, off: int, rel: bool, elsize: int, signed: bool) -> list:
+    start, n = _loc(p, off, rel)
+    return _ints(bytes(p[start:start + n]), elsize, signed)
+
+
+def _sarr(p: Any, off: int, size: int, elsize: int, signed: bool) -> list:
+    return _ints(bytes(p[off:off + size] if size else p[off:]), elsize, signed)
+
+
+_STRUCT_CODE = {1: "b", 2: "h", 4: "i", 8: "q"}
+
+
+def payload_reader(infos: Sequence[FieldInfo], names: Iterable[str],
+                   endian: str = "<") -> tuple[list[str], dict]:
+    """Python source lines that set f_<name> from payload ``p``, and the globals they need.
+
+    Scalars are read with one precompiled struct covering all of them (one C call per
+    event); strings and arrays with the small helpers above.
+    """
+    by_name = {fi.name: fi for fi in infos}
+    wanted = [by_name[n] for n in sorted(set(names)) if n in by_name]
+    consts: dict = {}
+    lines: list[str] = []
+    scalars = sorted((fi for fi in wanted if not fi.is_array and fi.size in _STRUCT_CODE),
+                     key=lambda fi: fi.offset)
+    group: list[FieldInfo] = []
+    fmt = endian
+    pos = 0
+    for fi in scalars:
+        if fi.offset < pos:          # overlapping field: read it on its own
+            k = "_st%d" % len(consts)
+            c = _STRUCT_CODE[fi.size]
+            consts[k] = struct.Struct(endian + (c if fi.signed else c.upper()))
+            lines.append("    f_%s, = %s.unpack_from(p, %d)" % (fi.name, k, fi.offset))
+            continue
+        fmt += "x" * (fi.offset - pos)
+        c = _STRUCT_CODE[fi.size]
+        fmt += c if fi.signed else c.upper()
+        pos = fi.offset + fi.size
+        group.append(fi)
+    if group:
+        k = "_st%d" % len(consts)
+        consts[k] = struct.Struct(fmt)
+        names_ = ", ".join("f_" + fi.name for fi in group)
+        lines.insert(0, "    %s, = %s.unpack_from(p, 0)" % (names_, k))
+    for fi in wanted:
+        if not fi.is_array and fi.size in _STRUCT_CODE:
+            continue
+        if not fi.is_array:      # odd-sized scalar
+            lines.append("    f_%s = int.from_bytes(p[%d:%d], %r, signed=%r)"
+                         % (fi.name, fi.offset, fi.offset + fi.size,
+                            "little" if endian == "<" else "big", fi.signed))
+        elif fi.is_dynamic and fi.is_string:
+            lines.append("    f_%s = _dstr(p, %d, %r)" % (fi.name, fi.offset, fi.is_rel))
+        elif fi.is_dynamic:
+            lines.append("    f_%s = _darr(p, %d, %r, %d, %r)"
+                         % (fi.name, fi.offset, fi.is_rel, fi.elsize, fi.signed))
+        elif fi.is_string:
+            lines.append("    f_%s = _cstr(p, %d, %d)" % (fi.name, fi.offset, fi.size))
+        else:
+            lines.append("    f_%s = _sarr(p, %d, %d, %d, %r)"
+                         % (fi.name, fi.offset, fi.size, fi.elsize, fi.signed))
+    return lines, consts
+
+
+def compile_reader(fields: Iterable[Any], names: Sequence[str], *, long_size: int = 8,
+                   endian: str = "<") -> Callable[[Any], tuple]:
+    """A function payload -> tuple of the named fields' values (for plugins)."""
+    infos = [field_info(f, long_size) for f in fields]
+    known = {fi.name for fi in infos}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise KeyError(missing[0])
+    lines, consts = payload_reader(infos, names, endian)
+    src = "def _read(p):\n" + "\n".join(lines) + "\n    return (%s,)\n" % ", ".join("f_" + n for n in names)
+    glb = dict(_HELPERS, **consts)
+    ns: dict = {}
+    exec(compile(src, "<field reader>", "exec"), glb, ns)  # noqa: S102 - generated from field layouts
+    return ns["_read"]
 
 
 # --------------------------------------------------------------------------- code generation
@@ -690,6 +824,17 @@ class _Gen:
         return "_num(%s)" % code, None
 
     def gen(self, node) -> tuple[str, str, Optional[tuple[int, bool]]]:
+        code, kind, rng = self._gen(node)
+        if kind == "int" and node[0] in ("bin", "un", "cast", "tern") and "f_" not in code:
+            try:   # fold constant arithmetic (flag masks) once, at compile time
+                val = eval(code, dict(_HELPERS, **self.consts), {})
+            except Exception:
+                return code, kind, rng
+            if isinstance(val, int):
+                return repr(val), kind, rng
+        return code, kind, rng
+
+    def _gen(self, node) -> tuple[str, str, Optional[tuple[int, bool]]]:
         t = node[0]
         if t == "num":
             return repr(node[1]), "int", None
@@ -791,6 +936,8 @@ class _Gen:
                 continue    # "{}" or other filler the kernel's macros leave behind
             if it[1][1][0] != "str":
                 continue    # the kernel's { 0, NULL } end marker
+            if it[1][0][0] == "atom":
+                continue    # an enum name libtraceevent cannot evaluate never matches
             vcode, _ = self.num(it[1][0])
             try:
                 val = eval(vcode, dict(_HELPERS, **self.consts), {})  # constants only: no field is in scope
@@ -857,7 +1004,8 @@ _HELPERS = {
     "_s": _s, "_ptr": _ptr, "_alt_hex": _alt_hex, "_flags": _flags, "_symbolic": _symbolic,
     "_hex": _hex, "_array": _array, "_bitmask": _bitmask, "_mac": _mac, "_ip4": _ip4,
     "_ip6": _ip6, "_uuid": _uuid, "_cdiv": _cdiv, "_cmod": _cmod, "_num": _num,
-    "_text": _text, "__builtins__": {"len": len, "chr": chr, "min": min, "max": max},
+    "_text": _text, "_cstr": _cstr, "_dstr": _dstr, "_darr": _darr, "_sarr": _sarr,
+    "__builtins__": {"len": len, "chr": chr, "min": min, "max": max, "int": int},
 }
 
 _LEN_BITS = {"hh": 8, "h": 16, "": 32, "l": 64, "ll": 64, "L": 64, "z": 64, "Z": 64,
@@ -889,6 +1037,7 @@ class PrintFmt:
     failed: Optional[str] = None
     source: str = ""
     render: Optional[Callable[[Mapping[str, Any]], str]] = None
+    render_payload: Optional[Callable[[Any], str]] = None
     used_fields: tuple = ()
 
 
@@ -899,6 +1048,7 @@ def compile_print_fmt(
     symbols: Optional[SymbolLookup] = None,
     printk: Optional[PrintkLookup] = None,
     long_size: int = 8,
+    endian: str = "<",
     where: str = "print fmt",
 ) -> PrintFmt:
     """Compile ``text`` (the part after ``print fmt:``) for an event with ``fields``."""
@@ -917,7 +1067,7 @@ def compile_print_fmt(
     pf = PrintFmt(text=text, fmt=fmt, fields=tuple(infos.values()))
     try:
         args = _Parser(_tokenize(argtext)).args() if argtext.strip() else []
-        src, consts, used = _codegen(fmt, args, infos, long_size)
+        src, consts, used = _codegen(fmt, args, infos, long_size, endian)
     except (_Unsupported, FormatError) as exc:
         pf.failed = str(exc)
         return pf
@@ -932,6 +1082,7 @@ def compile_print_fmt(
     ns: dict = {}
     exec(compile(src, "<print fmt>", "exec"), glb, ns)  # noqa: S102 - our own generated code
     pf.render = ns["_render"]
+    pf.render_payload = ns["_render_payload"]
     pf.source = src
     pf.used_fields = tuple(sorted(used))
     return pf
@@ -960,7 +1111,8 @@ def _make_printk(printk: Optional[PrintkLookup]) -> Callable[[Any], str]:
     return lookup
 
 
-def _codegen(fmt: str, args: list, infos: Mapping[str, FieldInfo], long_size: int):
+def _codegen(fmt: str, args: list, infos: Mapping[str, FieldInfo], long_size: int,
+             endian: str = "<"):
     g = _Gen(infos, long_size)
     pieces = _parse_format(fmt)
     out_fmt = []
@@ -1057,14 +1209,20 @@ def _codegen(fmt: str, args: list, infos: Mapping[str, FieldInfo], long_size: in
     if ai < len(args):
         # libtraceevent ignores extra arguments; they are still evaluated for errors only
         pass
+    fmt_text = "".join(out_fmt)
+    if out_args:
+        ret = "    return %r %% (%s,)" % (fmt_text, ", ".join(out_args))
+    else:
+        ret = "    return %r" % fmt_text.replace("%%", "%")
     lines = ["def _render(v):"]
     for name in sorted(g.used):
         fi = infos[name]
         default = "''" if fi.is_string else ("()" if fi.is_array else "0")
         lines.append("    f_%s = v.get(%r, %s)" % (name, name, default))
-    fmt_text = "".join(out_fmt)
-    if out_args:
-        lines.append("    return %r %% (%s,)" % (fmt_text, ", ".join(out_args)))
-    else:
-        lines.append("    return %r" % fmt_text.replace("%%", "%"))
+    lines.append(ret)
+    plines, pconsts = payload_reader(list(infos.values()), g.used, endian)
+    g.consts.update(pconsts)
+    lines.append("def _render_payload(p):")
+    lines.extend(plines)
+    lines.append(ret)
     return "\n".join(lines) + "\n", g.consts, g.used

@@ -1,0 +1,163 @@
+"""`vmtrace report FILE`: print a trace like `trace-cmd report`, or export it.
+
+Thin: opening and decoding is :mod:`vmtrace.api`, text is :mod:`vmtrace.format.render`,
+JSON lines and Parquet are :mod:`vmtrace.export`. What lives here is option handling
+and the trace-cmd conventions of which buffers are printed and how.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import sys
+from typing import Any, Iterator, Optional
+
+import click
+
+from vmtrace.errors import VmtraceError
+
+
+def _cpu_list(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    from vmtrace.tracefs import parse_cpu_list
+    try:
+        return parse_cpu_list(text)
+    except (ValueError, VmtraceError):
+        raise VmtraceError(f"--cpu: not a CPU list: {text!r} (example: 0,2-3)") from None
+
+
+def _events(text: Optional[str]) -> Optional[list[str]]:
+    if not text:
+        return None
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
+def _seconds(text: Optional[str], opt: str) -> Optional[int]:
+    if text is None:
+        return None
+    try:
+        return int(round(float(text) * 1e9))
+    except ValueError:
+        raise VmtraceError(f"{opt}: not a number of seconds: {text!r}") from None
+
+
+def _open(path: str, formats: Optional[str], keep_going: bool) -> Any:
+    from vmtrace import api
+    if formats:
+        from vmtrace.format.formatsdir import open_with_formats
+        return api.Trace(open_with_formats(path, formats), keep_going=keep_going)
+    return api.open(path, keep_going=keep_going)
+
+
+def _buffers_with_data(trace: Any) -> list[Any]:
+    return [b for b in trace.source.buffers if any(c.size for c in b.cpus)]
+
+
+def text_lines(trace: Any, *, cpus=None, events=None, start=None, end=None) -> Iterator[str]:
+    """Every line trace-cmd report prints on stdout, in order."""
+    from vmtrace.format.render import TextRenderer, header_lines
+    yield from header_lines(trace.source.nr_cpus or len(trace.cpus()))
+    bufs = _buffers_with_data(trace)
+    if not bufs:
+        return
+    r = TextRenderer(trace.metadata, long_size=trace.source.long_size)
+    if len(bufs) == 1:
+        b = bufs[0]
+        prefix = f"{b.name}: " if b.name else ""
+        yield from r.lines(trace.events(cpus=cpus, events=events, start=start, end=end,
+                                        buffer=b.name), prefix)
+        return
+    # several buffers: trace-cmd merges them by time, each line naming its buffer
+    streams = []
+    for k, b in enumerate(bufs):
+        prefix = f"{b.name}: " if b.name else ""
+        it = trace.events(cpus=cpus, events=events, start=start, end=end, buffer=b.name)
+        streams.append(((ev.ts, k, i, ev, prefix) for i, ev in enumerate(it)))
+    merged = heapq.merge(*streams, key=lambda t: (t[0], t[1], t[2]))
+    # lines() handles one prefix; feed it one item at a time per buffer
+    for ts, k, i, ev, prefix in merged:
+        yield from r.lines((ev,), prefix)
+
+
+def _stats(trace: Any, out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    st = trace.stats()
+    con = Console(file=out, width=100)
+    t = Table(title=f"{trace.name}: per CPU")
+    for col in ("cpu", "events", "pages", "lost", "lost (unknown count)", "skipped pages"):
+        t.add_column(col, justify="right")
+    for cpu, s in sorted(st["cpus"].items()):
+        t.add_row(str(cpu), str(s["events"]), str(s["pages"]), str(s["lost"]),
+                  str(s["lost_unknown"]), str(s["problems"]))
+    t.add_row("all", str(st["events"]), "", str(st["lost"]), str(st["lost_unknown"]), "")
+    con.print(t)
+    e = Table(title="per event")
+    e.add_column("event")
+    e.add_column("count", justify="right")
+    for name, n in st["per_event"].items():
+        e.add_row(name, str(n))
+    con.print(e)
+
+
+@click.command("report")
+@click.argument("file", type=click.Path(exists=False, dir_okay=True))
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "parquet"]), default="text",
+              show_default=True, help="text is identical to `trace-cmd report`.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+@click.option("--events", help="Comma-separated system or system:event (globs allowed).")
+@click.option("--cpu", "cpu", help="CPUs to show, e.g. 0,2-3.")
+@click.option("--start", help="First timestamp to show, in seconds (as printed).")
+@click.option("--end", help="Last timestamp to show, in seconds (as printed).")
+@click.option("--stats", is_flag=True, help="Per-CPU and per-event counts and lost events.")
+@click.option("--keep-going", is_flag=True, help="Skip corrupt pages, count them, report the rest.")
+@click.option("--formats", type=click.Path(file_okay=False), help="Guest tracefs copy (events/, header_page, header_event) for a raw directory without metadata.")
+def command(file: str, fmt: str, out: Optional[str], events: Optional[str], cpu: Optional[str],
+            start: Optional[str], end: Optional[str], stats: bool, keep_going: bool,
+            formats: Optional[str]) -> None:
+    """Decode a trace.dat or raw directory; print it like `trace-cmd report`."""
+    if fmt == "parquet" and not out:
+        raise VmtraceError("--format parquet needs -o FILE")
+    cpus = _cpu_list(cpu)
+    evs = _events(events)
+    s, e = _seconds(start, "--start"), _seconds(end, "--end")
+    trace = _open(file, formats, keep_going)
+    try:
+        if evs and not trace.catalog.match(evs):
+            raise VmtraceError(f"{file}: no event matches --events {events!r}")
+        if stats:
+            if out:
+                with open(out, "w", encoding="utf-8") as f:
+                    _stats(trace, f)
+            else:
+                _stats(trace, sys.stdout)
+        elif fmt == "jsonl":
+            from vmtrace.export.jsonl import write_jsonl
+            write_jsonl(trace, out or sys.stdout, cpus=cpus, events=evs, start=s, end=e)
+        elif fmt == "parquet":
+            from vmtrace.export.parquet import write_parquet
+            write_parquet(trace, out, cpus=cpus, events=evs, start=s, end=e)
+        else:
+            f = open(out, "w", encoding="utf-8", errors="surrogateescape") if out else sys.stdout
+            try:
+                write = f.write
+                buf = []
+                for line in text_lines(trace, cpus=cpus, events=evs, start=s, end=e):
+                    buf.append(line)
+                    if len(buf) >= 4096:
+                        buf.append("")
+                        write("\n".join(buf))
+                        buf = []
+                if buf:
+                    buf.append("")
+                    write("\n".join(buf))
+                f.flush()
+            finally:
+                if out:
+                    f.close()
+        if keep_going and trace.problems:
+            print(f"vmtrace: warning: {file}: skipped {len(trace.problems)} corrupt page(s) "
+                  f"(first: cpu{trace.problems[0][0]} offset {trace.problems[0][1].offset}: "
+                  f"{trace.problems[0][1].what})", file=sys.stderr)
+    finally:
+        trace.close()
