@@ -99,6 +99,23 @@ class Child:
         return self.proc.returncode
 
 
+def _open_files(pids) -> set:
+    """Paths the given processes have open, from /proc/PID/fd."""
+    out = set()
+    for pid in pids:
+        fd_dir = "/proc/%d/fd" % pid
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for name in names:
+            try:
+                out.add(os.readlink(os.path.join(fd_dir, name)))
+            except OSError:
+                pass
+    return out
+
+
 def _dir_bytes(path: Path, prefix: str = "") -> int:
     total = 0
     try:
@@ -154,12 +171,32 @@ class _Processes(Collector):
             if fh is not None:
                 self._files.append(fh)
             self.children.append(Child(argv, stdout=fh))
-        time.sleep(0.05)
-        dead = [c for c in self.children if not c.alive()]
-        if dead:
-            self.stop()
-            raise VmtraceError("collector %s exited at start: %s (exit %s)"
-                               % (self.name, " ".join(dead[0].argv), dead[0].exit_code))
+        self._wait_ready(ctx)
+
+    start_timeout = 15.0
+
+    def ready_paths(self, ctx: RunContext) -> List[str]:
+        """Files the collector holds open once it is reading (all per-CPU pipes by default)."""
+        return [ctx.tracefs.trace_pipe_raw(cpu) for cpu in ctx.cpus]
+
+    def _wait_ready(self, ctx: RunContext) -> None:
+        """Wait until the children have every input open, so the workload never starts
+        before the collector does (an interpreter start-up is not what we measure)."""
+        want = {os.path.realpath(p) for p in self.ready_paths(ctx)}
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            dead = [c for c in self.children if not c.alive()]
+            if dead:
+                self.stop()
+                raise VmtraceError("collector %s exited at start: %s (exit %s)"
+                                   % (self.name, " ".join(dead[0].argv), dead[0].exit_code))
+            if want <= _open_files(c.proc.pid for c in self.children):
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise VmtraceError("collector %s did not open %s within %g s"
+                                   % (self.name, ", ".join(sorted(want)), self.start_timeout))
+            time.sleep(0.02)
 
     def commands(self, ctx: RunContext):
         raise NotImplementedError
@@ -252,6 +289,9 @@ class Copy(_Processes):
 class Text(_Processes):
     name = "text"
     description = "`cat trace_pipe > file`: the kernel formats every event as text"
+
+    def ready_paths(self, ctx: RunContext) -> List[str]:
+        return [ctx.tracefs.file("trace_pipe")]
 
     def commands(self, ctx: RunContext):
         yield ["cat", ctx.tracefs.file("trace_pipe")], ctx.outdir / "trace.txt"
