@@ -85,6 +85,7 @@ class Stream:
     spill_w: int
     spill_cap: int
     close_src: bool = True
+    src_cap: int = 0           # the source pipe's size (0: not a pipe, e.g. a socket)
     # counters (bytes unless said otherwise); see the module docstring's invariant
     received: int = 0          # taken from the source
     accepted: int = 0          # chosen to be kept (spill + tails)
@@ -170,9 +171,10 @@ class Drainer:
             close_src: bool = True) -> Stream:
         """Start draining ``src`` (non-blocking is set here) into the open file ``out``."""
         os.set_blocking(src, False)
+        src_cap = 0
         try:
             if stat.S_ISFIFO(os.fstat(src).st_mode):
-                set_pipe_size(src, self.source_pipe_bytes)
+                src_cap = set_pipe_size(src, self.source_pipe_bytes)
         except OSError:
             pass
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -181,7 +183,7 @@ class Drainer:
         os.set_blocking(r, True)
         g = self.group(label[0] if group is None and isinstance(label, tuple) else (group if group is not None else label))
         s = Stream(label=label, group=g, src=src, out=out, page=self.page, spill_r=r, spill_w=w,
-                   spill_cap=min(cap, self.spill_bytes), close_src=close_src)
+                   spill_cap=min(cap, self.spill_bytes), close_src=close_src, src_cap=src_cap)
         with self._lock:
             self.streams.append(s)
             self._by_fd[src] = s
@@ -262,6 +264,11 @@ class Drainer:
             return 0
 
     def _end_source(self, s: Stream) -> None:
+        # Whatever the source still holds will never be written: count it, exactly.
+        s.drop_cap = False
+        for _ in range(1 << 16):
+            if self._available(s) <= 0 or self._drop(s, len(self._scratch)) <= 0:
+                break
         try:
             self._ep.unregister(s.src)
         except (OSError, ValueError):
@@ -315,6 +322,10 @@ class Drainer:
                 # cap or a dead disk is final: drop in bulk to keep up with the guest.
                 s.drop_bulk = reason in ("cap", "error")
             if not s.keep:
+                if not s.drop_bulk and phase == 0 and avail < s.src_cap * 3 // 4:
+                    # The source FIFO itself is the second half of the spill: leave the
+                    # bytes there while it has room; drop only what would fill it.
+                    break
                 n = min(avail, len(self._scratch), budget - taken)
                 n = self._drop(s, n if s.drop_bulk else min(n, P - phase))
                 if n <= 0:
@@ -322,7 +333,15 @@ class Drainer:
                 taken += n
                 continue
             room = s.spill_cap - (s.spilled - s.spill_out)
-            want = min(avail, P - phase if phase else room - room % P, budget - taken)
+            if phase:
+                want = P - phase
+            else:
+                want = room - room % P
+                g = s.group
+                if g.max_bytes is not None:
+                    left = g.max_bytes - g.accepted
+                    want = min(want, left - left % P)
+            want = min(want, avail, budget - taken)
             if want <= 0:
                 break
             try:
