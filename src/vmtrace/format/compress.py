@@ -19,8 +19,10 @@ from vmtrace.errors import FormatError
 # One compressed block (a metadata section or a data chunk) never decompresses to more
 # than this. trace-cmd's largest block is kallsyms (a few MB); data chunks are 10 pages.
 MAX_BLOCK = 256 << 20
+# A chunk of CPU data: trace-cmd writes 10 pages; anything near this is hostile.
+MAX_CHUNK = 16 << 20
 
-__all__ = ["Codec", "get_codec", "codec_names", "MAX_BLOCK"]
+__all__ = ["Codec", "get_codec", "codec_names", "MAX_BLOCK", "MAX_CHUNK"]
 
 
 class Codec:

@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 
 from vmtrace.errors import FormatError
 from vmtrace.format import Buffer, CpuData, TraceSource
-from vmtrace.format.compress import MAX_BLOCK, Codec, get_codec
+from vmtrace.format.compress import MAX_CHUNK, Codec, get_codec
 
 MAGIC = b"\x17\x08\x44tracing"
 
@@ -531,8 +531,8 @@ class TraceDat(TraceSource):
             at = cur.pos
             zsize = cur.u32("chunk compressed size")
             usize = cur.u32("chunk uncompressed size")
-            if usize > MAX_BLOCK:
-                raise cur.error(f"chunk declares {usize} bytes, limit is {MAX_BLOCK}", at)
+            if usize > MAX_CHUNK:
+                raise cur.error(f"chunk declares {usize} bytes, limit is {MAX_CHUNK}", at)
             if zsize > cur.remaining():
                 raise cur.error(f"chunk of {zsize} bytes runs past CPU {cpu}'s data", at)
             chunks.append((at, zsize, usize))
@@ -545,7 +545,7 @@ class TraceDat(TraceSource):
             rest = b""
             for at, zsize, usize in chunks:
                 data = codec.decompress(self._mm[at + 8:at + 8 + zsize], usize,
-                                        source=self.path, offset=at)
+                                        source=self.path, offset=at, limit=MAX_CHUNK)
                 if rest:
                     data = rest + data
                 whole = len(data) - len(data) % ps
