@@ -81,6 +81,22 @@ def overlay_archive(script: str, files: Optional[dict[str, bytes]] = None) -> by
     return buf.getvalue()
 
 
+def make_initrd(image: LabImage, dest: Path, script: str,
+                files: Optional[dict[str, bytes]] = None) -> Path:
+    """The cached image with this run's script appended (the kernel unpacks both)."""
+    with open(dest, "wb") as out, open(image.initrd, "rb") as base:
+        shutil.copyfileobj(base, out, 1 << 20)
+        pad = (-out.tell()) % 4
+        out.write(b"\0" * pad + overlay_archive(script, files))
+    return dest
+
+
+def kernel_cmdline(nonce: str, ports: int, append: str = "") -> str:
+    """Quiet serial console, QEMU exits on panic, and what our /init reads."""
+    return (f"console=ttyS0 quiet loglevel=3 panic=-1 vmtrace.nonce={nonce} "
+            f"vmtrace.ports={ports} {append}").strip()
+
+
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -161,14 +177,8 @@ class Guest:
                                "-chardev", f"file,id=vmtlabf,path={self.files_out}",
                                "-device", "virtserialport,bus=vmtlab.0,nr=1,chardev=vmtlabf,"
                                "name=vmtrace-lab-files"]
-        initrd = self.workdir / "initrd.gz"
-        with open(initrd, "wb") as out, open(image.initrd, "rb") as base:
-            shutil.copyfileobj(base, out, 1 << 20)
-            pad = (-out.tell()) % 4
-            out.write(b"\0" * pad + overlay_archive(script, files))
-        ports = count_serial_ports(self.qemu_args)
-        cmdline = (f"console=ttyS0 quiet loglevel=3 panic=-1 vmtrace.nonce={self.nonce} "
-                   f"vmtrace.ports={ports} {append}").strip()
+        initrd = make_initrd(image, self.workdir / "initrd.gz", script, files)
+        cmdline = kernel_cmdline(self.nonce, count_serial_ports(self.qemu_args), append)
         accel_args = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
             ["-accel", "tcg,thread=multi"]
         self.argv = [QEMU, "-nodefaults", "-no-user-config", "-display", "none",
