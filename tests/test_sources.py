@@ -102,3 +102,14 @@ def test_writer_reader_round_trip(tmp_path, version, compression, endian, long_s
             assert source_metadata(back) == source_metadata(s7)
             # v6 has a table entry for every CPU of the count, empty or not
             assert {k: v for k, v in _pages(back).items() if v} == pages
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError, match="not a regular file"):
+        open_source(fifo)
+    from vmtrace.format.tracedat_read import open_tracedat
+    with pytest.raises(FormatError, match="not a regular file"):
+        open_tracedat(fifo)

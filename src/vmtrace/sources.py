@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import Optional
 
 from vmtrace.errors import FormatError
@@ -28,6 +29,9 @@ def open_source(path: str | os.PathLike) -> TraceSource:
             raise FormatError("directory is not a raw trace directory (no metadata/)", source=p)
         return RawDir(p)
     try:
+        if os.path.exists(p) and not stat.S_ISREG(os.stat(p).st_mode):
+            # a FIFO or device would block or never end; streams have their own reader
+            raise FormatError("not a regular file or directory", source=p)
         with open(p, "rb") as f:
             head = f.read(10)
     except OSError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 import struct
 from typing import Iterator, Optional
 
@@ -248,6 +249,8 @@ class TraceDat(TraceSource):
         self.compression_version = ""
         self._mm: Optional[mmap.mmap] = None
         try:
+            if os.path.exists(self.path) and not stat.S_ISREG(os.stat(self.path).st_mode):
+                raise FormatError("not a regular file", source=self.path)
             with open(self.path, "rb") as f:
                 self.file_size = os.fstat(f.fileno()).st_size
                 if self.file_size == 0:
