@@ -158,6 +158,47 @@ def _type_of(words: list[str], pointer: bool) -> Optional[tuple[int, bool]]:
     return None
 
 
+# libtraceevent's operator priorities (smaller binds tighter).
+_TEP_PRIO = {"*": 6, "/": 6, "%": 6, "+": 7, "-": 7, "<<": 8, ">>": 8, "<": 9, ">": 9,
+             "<=": 9, ">=": 9, "==": 10, "!=": 10, "&": 11, "^": 12, "|": 13, "&&": 14,
+             "||": 15, "?": 16}
+
+
+class _Op:
+    __slots__ = ("op", "left", "right", "prio")
+
+    def __init__(self, op: str, left: "_Box", right: Optional["_Box"], prio: int):
+        self.op, self.left, self.right, self.prio = op, left, right, prio
+
+
+class _Box:
+    """A mutable slot: libtraceevent rewrites operands in place while associating."""
+    __slots__ = ("v",)
+
+    def __init__(self, v: Any):
+        self.v = v
+
+    def build(self) -> Any:
+        return _finish(self.v)
+
+
+def _finish(v: Any) -> Any:
+    """Turn the in-place association tree into the plain tuples codegen reads."""
+    if isinstance(v, _Op):
+        left = v.left.build()
+        right = v.right.build() if v.right is not None else ("num", 0)
+        if v.op == "?":
+            return ("tern", left, right[1], right[2])
+        return ("bin", v.op, left, right)
+    if isinstance(v, _Box):
+        return v.build()
+    if isinstance(v, tuple):
+        return tuple(_finish(x) for x in v)
+    if isinstance(v, list):
+        return [_finish(x) for x in v]
+    return v
+
+
 class _Parser:
     def __init__(self, toks: list[tuple[str, str]]):
         self.toks = toks
@@ -188,28 +229,63 @@ class _Parser:
                 raise FormatError(f"print fmt: unexpected {self.peek()[1]!r} after argument")
         return out
 
-    def expr(self, min_prec: int = 0):
+    def expr(self):
+        """A full argument, associated the way libtraceevent's parser does it.
+
+        libtraceevent reads ``a OP b`` with ``b`` a single operand and, when that operand
+        is itself an operation of lower precedence (parentheses do not protect it), rotates
+        the two; a following operator of equal or higher precedence binds to the right
+        operand. So ``x & (A | B)`` means ``(x & A) | B`` and ``a - b - c`` means
+        ``a - (b - c)``. trace-cmd prints what that tree evaluates to; so do we.
+        """
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise FormatError("print fmt: expression nested too deeply")
-        left = self.unary()
-        while True:
-            kind, tok = self.peek()
-            if kind == "op" and tok == "?" and min_prec == 0:
-                self.take()
-                a = self.expr()
-                self.expect(":")
-                b = self.expr()
-                left = ("tern", left, a, b)
-                continue
-            prec = _BINARY_PREC.get(tok) if kind == "op" else None
-            if prec is None or prec < min_prec:
-                break
-            self.take()
-            right = self.expr(prec + 1)
-            left = ("bin", tok, left, right)
+        v = self.raw_expr()
         self.depth -= 1
-        return left
+        return _finish(v)
+
+    def raw_expr(self) -> Any:
+        box = _Box(self.unary())
+        while self._is_op(self.peek()):
+            self._process_op(box, self.take()[1])
+        return box.v
+
+    @staticmethod
+    def _is_op(tok: tuple[str, str]) -> bool:
+        return tok[0] == "op" and (tok[1] in _BINARY_PREC or tok[1] == "?")
+
+    def _process_op(self, box: "_Box", op: str) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FormatError("print fmt: expression nested too deeply")
+        if op == "?":
+            cond = _Box(box.v)
+            a = self.expr()
+            self.expect(":")
+            b = self.expr()
+            box.v = _Op("?", cond, _Box(("pair", a, b)), 0)
+            right = None
+        else:
+            node = _Op(op, _Box(box.v), None, _TEP_PRIO[op])
+            rbox = _Box(self.unary())
+            r = rbox.v
+            if isinstance(r, _Op) and _TEP_PRIO[op] < _TEP_PRIO.get(r.op, 0):
+                node.right = r.left
+                right = _Box(node)
+                box.v = _Op(r.op, right, r.right, r.prio)
+            else:
+                node.right = rbox
+                box.v = node
+                right = rbox
+        nxt = self.peek()
+        if self._is_op(nxt):
+            self.take()
+            if _TEP_PRIO[nxt[1]] > box.v.prio or right is None:
+                self._process_op(box, nxt[1])
+            else:
+                self._process_op(right, nxt[1])
+        self.depth -= 1
 
     def _cast_ahead(self) -> Optional[int]:
         """If a cast starts at '(' here, return the index of its ')'."""
@@ -316,7 +392,7 @@ class _Parser:
                 return ("call", tok, args)
             return ("atom", tok)
         if tok == "(":
-            e = self.expr()
+            e = self.raw_expr()     # unbuilt: parentheses do not stop libtraceevent's rotation
             self.expect(")")
             return e
         if tok == "{":
@@ -488,13 +564,20 @@ def _alt_hex(v: int, spec: str) -> str:
     return (spec % v) if v else (spec.replace("#", "") % 0)
 
 
+# Names libtraceevent evaluates in __print_flags/__print_symbolic tables.
+_KNOWN_FLAGS = {"HI_SOFTIRQ": 0, "TIMER_SOFTIRQ": 1, "NET_TX_SOFTIRQ": 2, "NET_RX_SOFTIRQ": 3,
+                "BLOCK_SOFTIRQ": 4, "IRQ_POLL_SOFTIRQ": 5, "TASKLET_SOFTIRQ": 6,
+                "SCHED_SOFTIRQ": 7, "HRTIMER_SOFTIRQ": 8, "RCU_SOFTIRQ": 9,
+                "HRTIMER_NORESTART": 0, "HRTIMER_RESTART": 1}
+
+
 def _flags(val: Any, delim: str, table: tuple) -> str:
     if not isinstance(val, int):
         return ""
     val = _s(val, 64)
     out = []
     for fval, name in table:
-        if not val and fval == 0:
+        if not val and fval < 0:    # libtraceevent's rule, so an unknown name shows for 0
             out.append(name)
             break
         if fval > 0 and (val & fval) == fval:
@@ -587,6 +670,16 @@ def _uuid(v: Any, elsize: int) -> str:
         return ""
     h = d[:16].hex()
     return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+def _udiv(a: int, b: int) -> int:
+    b &= M64
+    return (a & M64) // b if b else 0
+
+
+def _umod(a: int, b: int) -> int:
+    b &= M64
+    return (a & M64) % b if b else 0
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -870,7 +963,9 @@ class _Gen:
             code, _ = self.num(node[2])
             if op == "!":
                 return "(0 if %s else 1)" % code, "int", None
-            return "(%s%s)" % (op, code), "int", None
+            if op == "+":
+                return code, "int", None
+            return "((%s%s) & %d)" % (op, code, M64), "int", (64, False)
         if t == "bin":
             op = node[1]
             if op in ("&&", "||"):
@@ -880,12 +975,15 @@ class _Gen:
                 return "(1 if (%s %s %s) else 0)" % (a, pyop, b), "int", None
             a, ra = self.num(node[2])
             b, rb = self.num(node[3])
+            # libtraceevent computes in unsigned long long: wrap like it does
             if op == "/":
-                return "_cdiv(%s, %s)" % (a, b), "int", None
+                return "_udiv(%s, %s)" % (a, b), "int", (64, False)
             if op == "%":
-                return "_cmod(%s, %s)" % (a, b), "int", None
-            if op in ("<<", ">>"):
-                return "(%s %s (%s & 63))" % (a, op, b), "int", None
+                return "_umod(%s, %s)" % (a, b), "int", (64, False)
+            if op == ">>":
+                return "((%s & %d) >> (%s & 63))" % (a, M64, b), "int", (64, False)
+            if op in ("<<", "+", "-", "*"):
+                return "((%s %s %s) & %d)" % (a, op, b if op != "<<" else "(%s & 63)" % b, M64), "int", (64, False)
             if op in ("==", "!=", "<", ">", "<=", ">="):
                 return "(1 if %s %s %s else 0)" % (a, op, b), "int", None
             rng = None
@@ -937,7 +1035,9 @@ class _Gen:
             if it[1][1][0] != "str":
                 continue    # the kernel's { 0, NULL } end marker
             if it[1][0][0] == "atom":
-                continue    # an enum name libtraceevent cannot evaluate never matches
+                # libtraceevent knows a few names; any other one evaluates to -1
+                out.append((_KNOWN_FLAGS.get(it[1][0][1], -1), it[1][1][1]))
+                continue
             vcode, _ = self.num(it[1][0])
             try:
                 val = eval(vcode, dict(_HELPERS, **self.consts), {})  # constants only: no field is in scope
@@ -1003,7 +1103,7 @@ class _Gen:
 _HELPERS = {
     "_s": _s, "_ptr": _ptr, "_alt_hex": _alt_hex, "_flags": _flags, "_symbolic": _symbolic,
     "_hex": _hex, "_array": _array, "_bitmask": _bitmask, "_mac": _mac, "_ip4": _ip4,
-    "_ip6": _ip6, "_uuid": _uuid, "_cdiv": _cdiv, "_cmod": _cmod, "_num": _num,
+    "_ip6": _ip6, "_uuid": _uuid, "_cdiv": _cdiv, "_cmod": _cmod, "_udiv": _udiv, "_umod": _umod, "_num": _num,
     "_text": _text, "_cstr": _cstr, "_dstr": _dstr, "_darr": _darr, "_sarr": _sarr,
     "__builtins__": {"len": len, "chr": chr, "min": min, "max": max, "int": int},
 }
