@@ -290,6 +290,10 @@ class EventFormat:
         return [int.from_bytes(raw[i:i + es], _bo(self.endian), signed=f.signed)
                 for i in range(0, usable, es)]
 
+    def _dyn_strings(self, f: Field, raw: np.ndarray, rows: np.ndarray, offs: np.ndarray,
+                     lens: np.ndarray, short: np.ndarray, keep_going: bool) -> np.ndarray:
+        return _dyn_strings_impl(self, f, raw, rows, offs, lens, short, keep_going)
+
     def _short(self, f: Field, n: int) -> FormatError:
         return FormatError(f"{self.full_name}: payload of {n} bytes ends inside field "
                            f"{f.name!r} (offset {f.offset}, size {f.size})")
@@ -305,6 +309,8 @@ class EventFormat:
             dt = f.numpy_dtype(self.endian)
             if dt is None:
                 other.append(f)
+                if f.is_dynamic:   # the location word is read from the gathered rows
+                    span = max(span, f.offset + 4)
                 continue
             names.append(f.name)
             formats.append(dt)
@@ -356,6 +362,9 @@ class EventFormat:
             else:
                 out[name] = np.ascontiguousarray(col)
         for f in other:
+            if f.kind == DYN_STRING:
+                out[f.name] = self._dyn_strings(f, raw, rows, offs, lens, short, keep_going)
+                continue
             vals = np.empty(n, dtype=object)
             for i in range(n):
                 if short[i]:
@@ -370,6 +379,42 @@ class EventFormat:
                     vals[i] = None
             out[f.name] = vals
         return out
+
+
+def _dyn_strings_impl(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.ndarray,
+                      offs: np.ndarray, lens: np.ndarray, short: np.ndarray,
+                      keep_going: bool) -> np.ndarray:
+    """__data_loc strings of many events without a Python step per event.
+
+    Events are grouped by string length; each group is one gather into a fixed-width
+    block, and only distinct strings are turned into ``str``. Most traces repeat a few
+    names (slab caches, devices, files), so this is a handful of numpy calls.
+    """
+    n = offs.shape[0]
+    out = np.empty(n, dtype=object)
+    if n == 0:
+        return out
+    w = rows[:, f.offset:f.offset + 4].copy().view(np.dtype(fmt.endian + "u4")).reshape(n)
+    w = w.astype(np.int64)
+    start = (w & 0xFFFF) + (f.offset + 4 if f.rel else 0)
+    length = w >> 16
+    bad = short | (start + length > lens.astype(np.int64))
+    if bad.any() and not keep_going:
+        i = int(np.nonzero(bad & ~short)[0][0]) if (bad & ~short).any() else int(np.nonzero(bad)[0][0])
+        raise FormatError(f"{fmt.full_name}: field {f.name!r} points at bytes {int(start[i])}.."
+                          f"{int(start[i] + length[i])} past the payload end {int(lens[i])}",
+                          offset=int(offs[i]))
+    absolute = offs.astype(np.int64) + start
+    out[bad] = None
+    good = ~bad
+    for L in np.unique(length[good]).tolist():
+        idx = np.nonzero(good & (length == L))[0]
+        if L == 0:
+            out[idx] = ""
+            continue
+        block = np.lib.stride_tricks.sliding_window_view(raw, L)[absolute[idx]]
+        out[idx] = _strings_column(block)
+    return out
 
 
 def _strings_column(block: np.ndarray) -> np.ndarray:

@@ -1,0 +1,194 @@
+"""Decode speed against ``trace-cmd report``, and the memory bound of streaming decode.
+
+Three ways through the same trace.dat, alternated within each repetition so that
+machine noise (other jobs, CPU frequency) hits all of them alike:
+
+- ``trace-cmd report`` writing text to /dev/null (the reference users know);
+- our columnar decode: every page walked and every field of every event decoded into
+  numpy arrays, no text (what tables, Parquet and SQL use);
+- our text rendering (``vmtrace.format.render``), when that module is present.
+
+Rates are events per second over the same event count. The memory check builds a
+large raw directory out of a real trace's pages and measures the peak RSS of a fresh
+process that streams through it, because that is the number a user with a 1 GB trace
+cares about.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from vmtrace.errors import VmtraceError
+
+Progress = Optional[Callable[[str], None]]
+
+
+def _say(progress: Progress, text: str) -> None:
+    if progress is not None:
+        progress(text)
+
+
+def columnar_decode(path: str) -> int:
+    """Decode every field of every event to numpy; returns the event count."""
+    import vmtrace
+    n = 0
+    with vmtrace.open(path) as tr:
+        for cpu in tr.cpus():
+            for batch in tr.batches(cpu):
+                n += len(batch)
+                for t in np.unique(batch.type_id).tolist():
+                    fmt = tr.catalog.get(t)
+                    if fmt is not None:
+                        fmt.columns(batch, np.nonzero(batch.type_id == t)[0])
+    return n
+
+
+def header_walk(path: str) -> int:
+    """Only the page and record headers (ts, type, offsets): the decoder's floor."""
+    import vmtrace
+    with vmtrace.open(path) as tr:
+        return sum(len(b) for c in tr.cpus() for b in tr.batches(c))
+
+
+def text_render(path: str) -> Optional[int]:
+    """Render every event as trace-cmd text (discarded); None if no renderer exists."""
+    try:
+        from vmtrace.format.render import TextRenderer
+    except ImportError:
+        return None
+    import vmtrace
+    with vmtrace.open(path) as tr:
+        r = TextRenderer(tr.metadata, long_size=tr.source.long_size)
+        n = 0
+        for _ in r.lines(tr.events()):
+            n += 1
+        return n
+
+
+def trace_cmd_report(path: str) -> None:
+    subprocess.run(["trace-cmd", "report", "-i", path], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=3600)
+
+
+def run(trace_path: Any, reps: int = 3, progress: Progress = None,
+        rss_bytes: Optional[int] = None) -> Dict[str, Any]:
+    """Measure the three decoders on ``trace_path``; optionally the streaming RSS check.
+
+    Returns ``{"params": ..., "results": {name: {"events_per_s", "seconds": [...]}},
+    "ratios": ...}`` (plus ``"rss"`` when ``rss_bytes`` is given).
+    """
+    path = os.fspath(trace_path)
+    if not os.path.isfile(path):
+        raise VmtraceError(f"bench decode: {path}: no such file")
+    import vmtrace
+    with vmtrace.open(path) as tr:
+        n_events = tr.stats()["events"]
+    if n_events == 0:
+        raise VmtraceError(f"bench decode: {path}: the trace has no events")
+    runners: Dict[str, Callable[[], Any]] = {
+        "header walk": lambda: header_walk(path),
+        "vmtrace columnar": lambda: columnar_decode(path),
+    }
+    if shutil.which("trace-cmd"):
+        runners["trace-cmd report"] = lambda: trace_cmd_report(path)
+    if text_render(path) is not None:   # also warms caches before timing
+        runners["vmtrace text"] = lambda: text_render(path)
+    times: Dict[str, List[float]] = {k: [] for k in runners}
+    for rep in range(max(1, reps)):
+        order = list(runners) if rep % 2 == 0 else list(reversed(runners))
+        for name in order:
+            _say(progress, f"decode rep {rep + 1}/{reps}: {name}")
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - t0)
+    results = {name: {"events": n_events, "seconds": ts,
+                      "events_per_s": n_events / statistics.median(ts)}
+               for name, ts in times.items()}
+    doc: Dict[str, Any] = {"benchmark": "decode",
+                           "params": {"trace": path, "reps": reps, "events": n_events},
+                           "results": results}
+    ref = results.get("trace-cmd report")
+    if ref:
+        doc["ratios"] = {f"{k} / trace-cmd report": v["events_per_s"] / ref["events_per_s"]
+                         for k, v in results.items() if k != "trace-cmd report"}
+    if rss_bytes:
+        doc["rss"] = streaming_rss(path, rss_bytes, progress=progress)
+    return doc
+
+
+def make_big_rawdir(trace_path: str, out_dir: str, target_bytes: int) -> Dict[str, Any]:
+    """A raw directory of about ``target_bytes`` made by repeating a real trace's pages.
+
+    Timestamps repeat from copy to copy; the decoder's memory use does not depend on
+    them, and every page is a real kernel page.
+    """
+    from vmtrace.rawdir import write_rawdir
+    from vmtrace.sources import open_source, source_metadata
+    with open_source(trace_path) as src:
+        md = source_metadata(src)
+        buf = next((b for b in src.buffers if any(c.size for c in b.cpus)), None)
+        if buf is None:
+            raise VmtraceError(f"{trace_path}: no trace data to repeat")
+        pages = {c.cpu: b"".join(bytes(p) for p in c.pages()) for c in buf.cpus if c.size}
+        page_size = src.page_size
+        endian = "little" if src.endian in ("<", "little") else "big"
+        long_size = src.long_size
+        clock = buf.clock or "local"
+    per_cpu = max(page_size, target_bytes // max(1, len(pages)))
+    md["meta.json"] = (
+        '{"layout": "vmtrace-raw", "layout_version": 1, "page_size": %d, "long_size": %d, '
+        '"endian": "%s", "clock": "%s", "cpus": %s, "nr_cpus": %d}'
+        % (page_size, long_size, endian, clock, sorted(pages), max(pages) + 1)).encode()
+
+    def repeat(data: bytes):
+        left = per_cpu
+        while left > 0:
+            chunk = data[:left] if len(data) > left else data
+            yield chunk
+            left -= len(chunk)
+
+    write_rawdir(out_dir, md, {cpu: repeat(data) for cpu, data in pages.items()})
+    total = sum(os.path.getsize(os.path.join(out_dir, f"cpu{c}")) for c in pages)
+    return {"bytes": total, "cpus": len(pages)}
+
+
+_CHILD = r"""
+import sys, time, resource
+import vmtrace
+t = time.perf_counter()
+with vmtrace.open(sys.argv[1]) as tr:
+    st = tr.stats()
+print(st["events"], time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def streaming_rss(trace_path: str, target_bytes: int = 1 << 30, *, progress: Progress = None,
+                  workdir: Optional[str] = None) -> Dict[str, Any]:
+    """Peak RSS (MB) of a fresh process decoding a ~``target_bytes`` raw directory."""
+    tmp = tempfile.mkdtemp(prefix="vmtrace-bench-rss-", dir=workdir)
+    try:
+        _say(progress, f"writing a {target_bytes >> 20} MB raw directory")
+        info = make_big_rawdir(trace_path, os.path.join(tmp, "raw"), target_bytes)
+        _say(progress, "decoding it in a fresh process")
+        # The child reports its own peak (ru_maxrss, KB on Linux): nothing else counts.
+        proc = subprocess.run([sys.executable, "-c", _CHILD, os.path.join(tmp, "raw")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=3600)
+        if proc.returncode != 0:
+            raise VmtraceError("bench decode: streaming decode failed: "
+                               + (proc.stderr.decode(errors="replace").strip().splitlines()
+                                  or ["?"])[-1])
+        events, seconds, maxrss = proc.stdout.split()
+        return {"bytes": info["bytes"], "events": int(events), "seconds": float(seconds),
+                "events_per_s": int(events) / max(float(seconds), 1e-9),
+                "peak_rss_mb": int(maxrss) / 1024.0}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
