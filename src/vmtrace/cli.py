@@ -8,6 +8,7 @@ becomes one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
@@ -59,7 +60,8 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="vmtrace", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+        rv = cli.main(args=argv, prog_name="vmtrace", standalone_mode=False)
     except VmtraceError as exc:
         print(f"vmtrace: error: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":
