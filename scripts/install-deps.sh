@@ -10,6 +10,8 @@ PACKAGES=(
   qemu-system-x86 linux-image-cloud-amd64 busybox-static trace-cmd kernelshark
   gcc make cpio gzip python3-venv
   chromium  # headless screenshots of the HTML timeline in tests
+  # libvirt: a domain from `vmtrace prepare --libvirt` is defined, started and traced in a test
+  libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libxml2-utils
 )
 PACKAGES+=(${VMTRACE_EXTRA_PACKAGES:-})
 
