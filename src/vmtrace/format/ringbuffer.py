@@ -414,18 +414,28 @@ def iter_batches(pages: Iterable[Buffer], layout: PageLayout, cpu: int = 0, *,
     chunks of ``chunk_pages`` pages (8 MB at 4 KB pages).
     """
     ps = layout.page_size
-    limit = chunk_pages * ps
-    chunk = bytearray()
+    limit = max(1, chunk_pages) * ps
+    # One fresh buffer per chunk, filled in place: a single copy of every page, and the
+    # batch handed out keeps its own buffer (callers may hold on to it).
+    chunk = bytearray(limit)
+    fill = 0
     consumed = 0
     for piece in pages:
-        chunk += piece
-        if len(chunk) >= limit:
-            whole = len(chunk) - len(chunk) % ps
-            data = bytes(chunk[:whole])
-            del chunk[:whole]
-            yield decode_pages(data, layout, cpu, source=source, base_offset=consumed,
-                               keep_going=keep_going)
-            consumed += whole
-    if chunk:
-        yield decode_pages(bytes(chunk), layout, cpu, source=source, base_offset=consumed,
-                           keep_going=keep_going)
+        n = len(piece)
+        if fill + n > limit:
+            if fill:
+                whole = fill - fill % ps
+                rest = bytes(chunk[whole:fill])
+                yield decode_pages(memoryview(chunk)[:whole], layout, cpu, source=source,
+                                   base_offset=consumed, keep_going=keep_going)
+                consumed += whole
+                chunk = bytearray(max(limit, n + len(rest)))
+                chunk[:len(rest)] = rest
+                fill = len(rest)
+            if n > len(chunk) - fill:
+                chunk = chunk[:fill] + bytearray(n + fill)
+        chunk[fill:fill + n] = piece
+        fill += n
+    if fill:
+        yield decode_pages(memoryview(chunk)[:fill], layout, cpu, source=source,
+                           base_offset=consumed, keep_going=keep_going)
