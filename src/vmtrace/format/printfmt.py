@@ -531,7 +531,7 @@ def split_print_fmt(text: str) -> tuple[str, str]:
         m = re.compile(r'"((?:[^"\\]|\\.)*)"').match(t, pos)
         if not m:
             raise FormatError("print fmt: unterminated string")
-        parts.append(m.group(1))
+        parts.append(_unescape(m.group(1)))
         pos = m.end()
         while pos < len(t) and t[pos].isspace():
             pos += 1
