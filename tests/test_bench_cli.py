@@ -29,9 +29,19 @@ def test_decode_of_a_missing_file_is_one_line(tmp_path):
     assert "no such file" in line
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vmtrace.bench.drain") is not None, reason="drain has landed")
-def test_drain_says_it_is_not_available_yet():
-    assert "not available yet" in _one_line_error(_run("bench", "drain"))
+@pytest.mark.slow
+def test_drain_is_wired_into_the_same_output(tmp_path):
+    if importlib.util.find_spec("vmtrace.bench.drain") is None:
+        assert "not available yet" in _one_line_error(_run("bench", "drain"))
+        return
+    proc = _run("bench", "drain", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "drain.json").read_text())
+    assert doc["benchmark"] == "drain" and doc["machine"]["cpus"] >= 1
+    assert doc["command"].startswith("vmtrace bench drain --quick")
+    assert (tmp_path / "drain.png").read_bytes()[:4] == b"\x89PNG"
+    for peer in doc["results"]:
+        assert peer in proc.stdout
 
 
 def test_guest_mode_says_it_is_not_available_yet():
