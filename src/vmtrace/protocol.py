@@ -324,6 +324,7 @@ def unpack_files(msg: Message) -> Dict[str, bytes]:
             or len(entry) != 2
             or not isinstance(entry[0], str)
             or not isinstance(entry[1], int)
+            or isinstance(entry[1], bool)
             or entry[1] < 0
         ):
             raise ProtocolError("metadata entry %r is not [name, size]" % (entry,))

@@ -98,6 +98,7 @@ class Agent:
         self._marker_fd: Optional[int] = None
         self._lock = threading.RLock()
         self._frozen: Optional[Dict[str, Dict[str, Any]]] = None
+        self._carry: Dict[str, Dict[str, Any]] = {}
 
     # -- setup ---------------------------------------------------------------------------
     def _sinks(self, should_stop: Any) -> Dict[int, Sink]:
@@ -163,7 +164,6 @@ class Agent:
             pump.start()
             pump.started_evt.wait(5)
         self.placement.apply(self._tids(), self.main_tid)
-        self._write_metadata(final=False)
 
     def _tids(self) -> Dict[int, Optional[int]]:
         return {cpu: p.tid for cpu, p in self.pumps.items()}
@@ -175,6 +175,11 @@ class Agent:
                 return
             if not self.pumps:
                 raise VmtraceError("agent is not set up")
+            if not self.started_once:
+                # Count from the first start: what ftrace overwrote before anyone asked
+                # us to read is not the agent's loss.
+                self.stats0 = {c: self.tf.cpu_stats(c) for c in self.cpus}
+                self._carry = {}
             events = [p.request(RUN) for p in self.pumps.values()]
             for ev in events:
                 ev.wait(5)
@@ -240,6 +245,10 @@ class Agent:
                 self.tf.buffer_size_kb = size
             if pct is not None:
                 self.tf.buffer_percent = pct
+            # A new clock or size resets the ring buffer and its counters: carry what was
+            # counted so far and count from the new baseline.
+            self._carry = self._stats_now()
+            self.stats0 = {c: self.tf.cpu_stats(c) for c in self.cpus}
 
     # -- information ------------------------------------------------------------------------
     def hello_fields(self) -> Dict[str, Any]:
@@ -295,11 +304,14 @@ class Agent:
             p = self.pumps[cpu].stats if cpu in self.pumps else None
             overrun = max(0, now.overrun - s0.overrun)
             dropped = max(0, now.dropped_events - s0.dropped_events)
+            carry = self._carry.get(str(cpu), {})
+            overrun += carry.get("overrun", 0)
+            dropped += carry.get("dropped_events", 0)
             out[str(cpu)] = {
                 "entries": now.entries,
                 "overrun": overrun,
                 "dropped_events": dropped,
-                "read_events": max(0, now.read_events - s0.read_events),
+                "read_events": max(0, now.read_events - s0.read_events) + carry.get("read_events", 0),
                 "bytes_sent": p.bytes_sent if p else 0,
                 "pages_sent": p.pages_sent if p else 0,
                 "partial_pages": p.partial_pages if p else 0,
@@ -383,7 +395,8 @@ class Agent:
         try:
             self.setup(lambda: bool(caught))
             if self.opts.start and self.exit_reason is None:
-                self.start()
+                self.start()  # before gathering metadata: the ring buffer will not wait
+            self._write_metadata(final=False)
             self._loop(sig_r)
         finally:
             self._shutdown()
