@@ -132,7 +132,7 @@ class Drainer:
         self,
         page_size: int = 4096,
         spill_bytes: int = 1 << 20,
-        source_pipe_bytes: int = 256 << 10,
+        source_pipe_bytes: int = 1 << 20,
         batch_s: float = 0.01,
         on_error: Optional[Callable[[Stream, str], None]] = None,
     ):
