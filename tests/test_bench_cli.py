@@ -90,3 +90,17 @@ def test_quick_overhead_smoke(tmp_path):
     # the tracefs instance is gone afterwards
     after = {n for n in os.listdir("/sys/kernel/tracing/instances") if n.startswith("vmtrace-bench-")}
     assert after <= before
+
+
+@pytest.mark.oracle
+def test_decode_is_wired_into_the_same_output(tmp_path, data_dir):
+    trace = data_dir / "tracedat_small_v7.dat"
+    if importlib.util.find_spec("vmtrace.bench.decode") is None or not trace.exists():
+        pytest.skip("decoder benchmark or fixture not there")
+    proc = _run("bench", "decode", str(trace), "--reps", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "decode.json").read_text())
+    assert doc["benchmark"] == "decode" and doc["results"]
+    assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
+    for peer in doc["results"]:
+        assert peer in proc.stdout
