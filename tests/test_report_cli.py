@@ -106,3 +106,44 @@ def test_keep_going_on_a_corrupted_page(real_trace, tmp_path):
     p = run(bad, "--keep-going")
     assert p.stdout.startswith("cpus=") and len(p.stdout.splitlines()) > 10
     assert "skipped" in p.stderr
+
+
+@pytest.mark.tracefs
+@pytest.mark.oracle
+def test_formats_dir_for_a_seed_style_raw_directory(real_trace, tmp_path):
+    """A seed agent leaves only cpuN page files; --formats supplies the guest's tracefs copy.
+
+    Here the pages come from a real trace.dat of this machine and the formats from this
+    machine's tracefs, so the events must print as trace-cmd prints the trace.dat."""
+    from vmtrace.sources import open_source
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    with open_source(real_trace) as src:
+        buf = next(b for b in src.buffers if any(c.size for c in b.cpus))
+        for c in buf.cpus:
+            with open(seed / f"cpu{c.cpu}", "wb") as f:
+                for page in c.pages():
+                    f.write(page)
+    # the guest-side copy: header files, the formats of the recorded systems, the
+    # name tables, and /proc/kallsyms (tracefs has no symbols; %pS needs them)
+    import shutil
+    fdir = tmp_path / "guest-tracefs"
+    for system in ("sched", "timer", "irq"):
+        shutil.copytree(f"/sys/kernel/tracing/events/{system}", fdir / "events" / system,
+                        ignore=lambda d, names: [n for n in names if n not in ("format",) and
+                                                 not (Path(d) / n).is_dir()])
+    for name in ("header_page", "header_event"):
+        shutil.copyfile(f"/sys/kernel/tracing/events/{name}", fdir / name)
+    for name in ("saved_cmdlines", "printk_formats"):
+        shutil.copyfile(f"/sys/kernel/tracing/{name}", fdir / name)
+    shutil.copyfile("/proc/kallsyms", fdir / "kallsyms")
+    p = run(seed, "--formats", fdir)
+    ours = [l.split("]", 1)[1] for l in p.stdout.splitlines() if "]" in l and "DROPPED" not in l]
+    theirs = [l.split("]", 1)[1] for l in realtrace.trace_cmd_report(real_trace).splitlines()
+              if "]" in l and "DROPPED" not in l]
+    assert len(ours) == len(theirs) > 100
+    same = sum(a == b for a, b in zip(ours, theirs))
+    assert same / len(theirs) >= 0.999
+    # without --formats a bare page directory is a clear one-line error
+    p = run(seed, check_rc=2)
+    assert p.stderr.startswith("vmtrace: error: ") and "metadata" in p.stderr

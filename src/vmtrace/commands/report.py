@@ -41,11 +41,62 @@ def _seconds(text: Optional[str], opt: str) -> Optional[int]:
         raise VmtraceError(f"{opt}: not a number of seconds: {text!r}") from None
 
 
-def _open(path: str, formats: Optional[str], keep_going: bool) -> Any:
+# What --formats takes from a copy of the guest's tracefs (names as in the raw layout).
+_FORMAT_FILES = ("header_page", "header_event", "saved_cmdlines", "printk_formats", "kallsyms")
+_MAX_FORMAT_FILE = 64 << 20
+
+
+def _seed_dir_view(path: str, formats: str, tmp: str) -> str:
+    """A raw directory (docs/internals.md layout) made of a seed agent's cpuN files
+    and a tracefs copy, so the normal reader opens it: the CPU files are linked, the
+    metadata is copied through the raw-directory writer (which validates every name)."""
+    from vmtrace.rawdir import write_metadata
+    import re
+    src = os.path.abspath(path)
+    if not os.path.isdir(src):
+        raise VmtraceError(f"{path}: --formats needs a directory of cpuN files")
+    md: dict[str, bytes] = {}
+    for name in _FORMAT_FILES:
+        # tracefs keeps header_page/header_event under events/; copies may flatten them
+        for p in (os.path.join(formats, name), os.path.join(formats, "events", name)):
+            if os.path.isfile(p):
+                md[name] = _read_small(p)
+                break
+    if "header_page" not in md or "header_event" not in md:
+        raise VmtraceError(f"{formats}: no header_page/header_event (copy them from the guest's tracefs)")
+    evroot = os.path.join(formats, "events")
+    if os.path.isdir(evroot):
+        for system in sorted(os.listdir(evroot)):
+            sdir = os.path.join(evroot, system)
+            if not os.path.isdir(sdir) or not re.fullmatch(r"[A-Za-z0-9_]+", system):
+                continue
+            for ev in sorted(os.listdir(sdir)):
+                f = os.path.join(sdir, ev, "format")
+                if re.fullmatch(r"[A-Za-z0-9_.-]+", ev) and os.path.isfile(f):
+                    md[f"events/{system}/{ev}/format"] = _read_small(f)
+    write_metadata(tmp, md)
+    n = 0
+    for entry in sorted(os.listdir(src)):
+        if re.fullmatch(r"cpu\d+", entry) and os.path.isfile(os.path.join(src, entry)):
+            os.symlink(os.path.join(src, entry), os.path.join(tmp, entry))
+            n += 1
+    if not n:
+        raise VmtraceError(f"{path}: no cpuN files")
+    return tmp
+
+
+def _read_small(p: str) -> bytes:
+    with open(p, "rb") as f:
+        data = f.read(_MAX_FORMAT_FILE + 1)
+    if len(data) > _MAX_FORMAT_FILE:
+        raise VmtraceError(f"{p}: larger than {_MAX_FORMAT_FILE} bytes, not a tracefs file")
+    return data
+
+
+def _open(path: str, formats: Optional[str], keep_going: bool, tmp: str) -> Any:
     from vmtrace import api
     if formats:
-        from vmtrace.format.formatsdir import open_with_formats
-        return api.Trace(open_with_formats(path, formats), keep_going=keep_going)
+        return api.open(_seed_dir_view(path, formats, tmp), keep_going=keep_going)
     return api.open(path, keep_going=keep_going)
 
 
@@ -121,7 +172,15 @@ def command(file: str, fmt: str, out: Optional[str], events: Optional[str], cpu:
     cpus = _cpu_list(cpu)
     evs = _events(events)
     s, e = _seconds(start, "--start"), _seconds(end, "--end")
-    trace = _open(file, formats, keep_going)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="vmtrace-report-") as tmp:
+        trace = _open(file, formats, keep_going, tmp)
+        _run(trace, file, fmt, out, events, evs, cpus, s, e, stats, keep_going)
+
+
+def _run(trace: Any, file: str, fmt: str, out: Optional[str], events: Optional[str],
+         evs: Optional[list[str]], cpus: Optional[list[int]], s: Optional[int], e: Optional[int],
+         stats: bool, keep_going: bool) -> None:
     try:
         if evs and not trace.catalog.match(evs):
             raise VmtraceError(f"{file}: no event matches --events {events!r}")
