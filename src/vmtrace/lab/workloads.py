@@ -17,16 +17,10 @@ WORKLOADS = {"pingpong": "pingpong.c", "intloop": "intloop.c"}
 
 
 def bench_dir() -> Path:
-    """Where the reference C files live; $VMTRACE_BENCH_DIR overrides."""
-    env = os.environ.get("VMTRACE_BENCH_DIR")
-    if env:
-        return Path(env)
-    for cand in (Path(__file__).resolve().parents[3] / "bench",
-                 Path("/work/shared/bench")):
-        if (cand / "pingpong.c").is_file():
-            return cand
-    raise VmtraceError("cannot find the reference workloads pingpong.c and intloop.c; "
-                       "set VMTRACE_BENCH_DIR to their directory")
+    """Where the reference C files live: the same place the benchmarks compile them from."""
+    from vmtrace.bench.peers import source_dir
+
+    return source_dir()
 
 
 def sources() -> dict[str, Path]:
