@@ -170,7 +170,7 @@ def test_corrupt_page_strict_and_keep_going(rich_trace, tmp_path):
     cpu = max(cpus, key=lambda c: len(cpus[c]))
     data = bytearray(cpus[cpu])
     assert len(data) >= 3 * 4096
-    struct.pack_into("<Q", data, 4096 + 8, 4000)       # page 1: commit past its records
+    struct.pack_into("<II", data, 4096 + 16, 0, 1 << 20)  # page 1: a record longer than a page
     cpus[cpu] = bytes(data)
     md["meta.json"] = (b'{"layout": "vmtrace-raw", "layout_version": 1, "page_size": 4096, '
                        b'"long_size": 8, "endian": "little", "clock": "local"}')
