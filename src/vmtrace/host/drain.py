@@ -63,6 +63,17 @@ def set_pipe_size(fd: int, size: int) -> int:
     return fcntl.fcntl(fd, F_GETPIPE_SZ)
 
 
+class _AllEvents:
+    """``set()`` wakes every writer (the reader does not track who has work)."""
+
+    def __init__(self, events: List[threading.Event]):
+        self.events = events
+
+    def set(self) -> None:
+        for e in self.events:
+            e.set()
+
+
 @dataclass
 class Group:
     """Streams that share a byte cap: one guest."""
@@ -86,6 +97,7 @@ class Stream:
     spill_cap: int
     close_src: bool = True
     src_cap: int = 0           # the source pipe's size (0: not a pipe, e.g. a socket)
+    writer: int = 0            # which writer thread flushes this stream
     # counters (bytes unless said otherwise); see the module docstring's invariant
     received: int = 0          # taken from the source
     accepted: int = 0          # chosen to be kept (spill + tails)
@@ -135,6 +147,7 @@ class Drainer:
         source_pipe_bytes: int = 1 << 20,
         batch_s: float = 0.01,
         on_error: Optional[Callable[[Stream, str], None]] = None,
+        writers: int = 4,
     ):
         if page_size <= 0 or page_size & (page_size - 1):
             raise ValueError("page size must be a power of two")
@@ -147,11 +160,15 @@ class Drainer:
         self.groups: Dict[Hashable, Group] = {}
         self._by_fd: Dict[int, Stream] = {}
         self._ep = select.epoll()
-        self._work = threading.Event()
+        # Several writer threads: file writes are copies done by the kernel with the GIL
+        # released, so they run in parallel, and one slow file does not hold up others.
+        self.n_writers = max(1, writers)
+        self._works = [threading.Event() for _ in range(self.n_writers)]
+        self._work = _AllEvents(self._works)
         self._stop = threading.Event()
         self._final = False
         self._reader: Optional[threading.Thread] = None
-        self._writer: Optional[threading.Thread] = None
+        self._writers: List[threading.Thread] = []
         self._closing: List[Stream] = []
         self._linger_s = 2.0
         self._scratch = bytearray(256 << 10)
@@ -182,8 +199,10 @@ class Drainer:
         # The writer side blocks on the file, not on the pipe: it only asks for what is there.
         os.set_blocking(r, True)
         g = self.group(label[0] if group is None and isinstance(label, tuple) else (group if group is not None else label))
+        groups = list(self.groups)
         s = Stream(label=label, group=g, src=src, out=out, page=self.page, spill_r=r, spill_w=w,
-                   spill_cap=min(cap, self.spill_bytes), close_src=close_src, src_cap=src_cap)
+                   spill_cap=min(cap, self.spill_bytes), close_src=close_src, src_cap=src_cap,
+                   writer=(groups.index(g.name) + len(self.streams)) % self.n_writers)
         with self._lock:
             self.streams.append(s)
             self._by_fd[src] = s
@@ -192,19 +211,22 @@ class Drainer:
 
     def start(self) -> "Drainer":
         self._reader = threading.Thread(target=self._read_loop, name="vmtrace-drain-reader", daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name="vmtrace-drain-writer", daemon=True)
+        self._writers = [threading.Thread(target=self._write_loop, args=(i,), name="vmtrace-drain-writer%d" % i,
+                                          daemon=True) for i in range(self.n_writers)]
         self._reader.start()
-        self._writer.start()
+        for t in self._writers:
+            t.start()
         return self
 
     def stop(self, timeout: float = 30.0, linger_s: float = 2.0) -> None:
         """Take what the sources still hold (for at most ``linger_s``), write it, stop."""
         self._linger_s = linger_s
         self._stop.set()
-        for t in (self._reader, self._writer):
+        for t in [self._reader] + self._writers:
             if t is not None:
                 t.join(timeout)
-        self._reader = self._writer = None
+        self._reader = None
+        self._writers = []
         for s in list(self.streams):
             self._finish(s)
         try:
@@ -409,14 +431,16 @@ class Drainer:
         return got
 
     # -- writer ------------------------------------------------------------------------
-    def _write_loop(self) -> None:
+    def _write_loop(self, index: int) -> None:
+        work = self._works[index]
         while True:
             # Read the reader's state *before* the last pass, so nothing it spilled is missed.
             final = self._stop.is_set() and not (self._reader and self._reader.is_alive())
-            self._work.wait(0.05)
-            self._work.clear()
+            work.wait(0.05)
+            work.clear()
             for s in list(self.streams):
-                self._flush(s)
+                if s.writer == index:
+                    self._flush(s)
             if final:
                 return
 
