@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not collect /proc/kallsyms")
     p.add_argument("--exit-grace", type=float, default=2.0, metavar="S",
                    help="how long to wait at exit for a host that does not read (default 2)")
+    p.add_argument("--nice", type=int, default=-10, metavar="N",
+                   help="nice value of the pump threads (default -10: wake promptly on a shared CPU; 0 leaves it)")
     p.add_argument("--export", metavar="PATH",
                    help="write the agent as one self-contained zipapp to PATH and exit")
     return p
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise VmtraceError("--flush-interval must be between 0 and 3600 seconds")
     if args.duration is not None and args.duration <= 0:
         raise VmtraceError("--duration must be positive")
+    if not -20 <= args.nice <= 19:
+        raise VmtraceError("--nice must be between -20 and 19")
     if args.exit_grace < 0:
         raise VmtraceError("--exit-grace must not be negative")
     if os.geteuid() != 0:
@@ -110,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         duration=args.duration,
         kallsyms=args.kallsyms,
         exit_grace=args.exit_grace,
+        nice=args.nice,
     )
     return Agent(opts).run()
 

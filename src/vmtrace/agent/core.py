@@ -54,6 +54,7 @@ class Options:
         self.kallsyms: bool = kw.get("kallsyms", True)
         self.exit_grace: float = kw.get("exit_grace", 2.0)
         self.tracefs_root: Optional[str] = kw.get("tracefs_root")
+        self.nice: int = kw.get("nice", -10)
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -159,7 +160,8 @@ class Agent:
         sinks = self._sinks(should_stop)
         for cpu in self.cpus:
             self.pumps[cpu] = Pump(cpu, self.tf.trace_pipe_raw(cpu), sinks[cpu], self.page_size,
-                                   self.opts.pipe_size, self.opts.flush_interval, self.opts.exit_grace)
+                                   self.opts.pipe_size, self.opts.flush_interval, self.opts.exit_grace,
+                                   self.opts.nice)
         for pump in self.pumps.values():
             pump.start()
             pump.started_evt.wait(5)
