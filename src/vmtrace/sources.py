@@ -33,14 +33,51 @@ def open_source(path: str | os.PathLike) -> TraceSource:
             # a FIFO or device would block or never end; streams have their own reader
             raise FormatError("not a regular file or directory", source=p)
         with open(p, "rb") as f:
-            head = f.read(10)
+            head = f.read(32)
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror}", source=p) from None
+    from vmtrace.agent.stream import STREAM_MAGIC
+    if head.startswith(STREAM_MAGIC):
+        return _open_stream(p)
+    head = head[:10]
     from vmtrace.format.tracedat_read import MAGIC, TraceDat
     if head != MAGIC:
         raise FormatError("neither a trace.dat file (bad magic) nor a raw directory",
                           source=p, offset=0)
     return TraceDat(p)
+
+
+def _open_stream(path: str) -> TraceSource:
+    """An agent's ``-o`` stream, unpacked into a private raw directory.
+
+    The stream interleaves CPUs in frames; the decoder wants one page sequence per CPU,
+    so it is laid out as a raw directory first (same size as the stream) and that
+    directory is removed when the source is closed.
+    """
+    import shutil
+    import tempfile
+
+    from vmtrace.agent.stream import unpack_stream
+    from vmtrace.rawdir import RawDir
+
+    tmp = tempfile.mkdtemp(prefix="vmtrace-stream-")
+    try:
+        unpack_stream(path, tmp)
+        src = RawDir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    src.path = path
+    close = src.close
+
+    def close_and_remove() -> None:
+        try:
+            close()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    src.close = close_and_remove  # type: ignore[method-assign]
+    return src
 
 
 def _event_name(text: bytes) -> Optional[str]:
