@@ -155,7 +155,13 @@ def _real_pages(tmp_path) -> bytes:
     Path("/sys/kernel/tracing/instances/%s/events/sched/enable" % inst).write_text("1")
     wl = _workload(1.0)
     wl.join()
-    assert p.wait(30) == 0, _finish(p)
+    try:
+        assert p.wait(30) == 0, _finish(p)
+    finally:
+        from vmtrace.tracefs import Tracefs
+
+        # We enabled events in the agent's instance behind its back: remove it ourselves.
+        Tracefs(instance=inst).remove()
     return (out / "cpu0").read_bytes() + (out / "cpu1").read_bytes()
 
 
