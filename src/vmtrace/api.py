@@ -18,7 +18,8 @@ import numpy as np
 from vmtrace.errors import FormatError, VmtraceError
 from vmtrace.format.events import EventCatalog, EventFormat
 from vmtrace.format.metadata import TraceMetadata
-from vmtrace.format.ringbuffer import EventBatch, PageLayout, iter_batches, layout_from_headers
+from vmtrace.format.ringbuffer import (EventBatch, PageLayout, decode_pages, iter_batches,
+                                       layout_from_headers)
 
 __all__ = ["open", "Trace", "Event", "LostEvents"]
 
@@ -176,14 +177,26 @@ class Trace:
             if c.cpu != cpu:
                 continue
             src = f"{self.name}[{buf.name or 'top'}] cpu{cpu}"
-            for batch in iter_batches(c.pages(), self.layout, cpu, source=src,
-                                      keep_going=self.keep_going, chunk_pages=self.chunk_pages):
+            for batch in self._decode_cpu(c, cpu, src):
                 for p in batch.problems:
                     self.problems.append((cpu, p))
                 if self.ts_offset:
                     batch.ts = batch.ts + np.uint64(self.ts_offset % (1 << 64))
                 yield batch
             return
+
+    def _decode_cpu(self, c: Any, cpu: int, src: str) -> Iterator[EventBatch]:
+        """Decode straight from the source's own chunk buffers (no copy per page)."""
+        chunks = getattr(c, "chunks", None)
+        if chunks is None:
+            yield from iter_batches(c.pages(), self.layout, cpu, source=src,
+                                    keep_going=self.keep_going, chunk_pages=self.chunk_pages)
+            return
+        consumed = 0
+        for chunk in chunks(max(1, self.chunk_pages) * self.layout.page_size):
+            yield decode_pages(chunk, self.layout, cpu, source=src, base_offset=consumed,
+                               keep_going=self.keep_going)
+            consumed += len(chunk)
 
     def _select(self, batch: EventBatch, ids: Optional[np.ndarray], start: Optional[int],
                 end: Optional[int]) -> np.ndarray:

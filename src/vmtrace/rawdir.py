@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 
 from vmtrace.errors import FormatError, VmtraceError
 from vmtrace.format import Buffer, CpuData, TraceSource
+from vmtrace.format.fileio import read_chunks, read_pages
 
 LAYOUT = "vmtrace-raw"
 LAYOUT_VERSION = 1
@@ -259,23 +260,19 @@ class RawDir(TraceSource):
         ps = self.page_size
         whole = size - size % ps   # a page cut short by a crash is dropped, not padded
 
-        def pages() -> Iterator[memoryview]:
-            if not whole:
-                return
-            with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            view = memoryview(mm)
-            try:
-                for p in range(0, min(whole, len(mm) - len(mm) % ps), ps):
-                    yield view[p:p + ps]
-            finally:
-                view.release()
-                try:
-                    mm.close()
-                except BufferError:
-                    pass
+        name, src = os.fspath(path), f"{self.path}/cpu{cpu}"
 
-        return CpuData(cpu, whole, pages, offset=0, compressed=False)
+        # Read, not mapped: pages of a mapping stay resident once touched, so a 1 GB
+        # capture would cost 1 GB of RSS (see format/fileio.py).
+        def pages() -> Iterator[memoryview]:
+            if whole:
+                yield from read_pages(name, 0, whole, ps, source=src)
+
+        def chunks(max_bytes: int) -> Iterator[bytearray]:
+            if whole:
+                yield from read_chunks(name, 0, whole, ps, max_bytes, source=src)
+
+        return CpuData(cpu, whole, pages, offset=0, compressed=False, chunker=chunks)
 
 
 def read_rawdir(path: str | os.PathLike) -> RawDir:

@@ -7,7 +7,9 @@ and the CLI can import it without numpy or a codec library.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
+
+ChunkBuffer = Union[bytes, bytearray, memoryview]
 
 
 class CpuData:
@@ -18,21 +20,47 @@ class CpuData:
     mmap of the file, compressed data is inflated one chunk at a time. A view is only
     valid until the next page is requested or the source is closed; copy what you keep.
     ``size`` counts bytes of (uncompressed) page data.
+
+    ``chunks(max_bytes)`` streams the same bytes as runs of whole pages, each in a
+    buffer of its own that the caller may keep (the decoder's batches point into it).
+    Sources read these with ``readinto``/``pread`` into fresh buffers rather than through
+    a long-lived mapping, so memory stays bounded by the chunks in use, whatever the
+    file size (a mapping's touched pages would stay resident until it is unmapped).
     """
 
     def __init__(self, cpu: int, size: int, pager: Callable[[], Iterator[memoryview]],
-                 *, offset: Optional[int] = None, compressed: bool = False):
+                 *, offset: Optional[int] = None, compressed: bool = False,
+                 chunker: Optional[Callable[[int], Iterator[ChunkBuffer]]] = None):
         self.cpu = cpu
         self.size = size
         self.offset = offset            # where the data starts in its file (or None)
         self.compressed = compressed
         self._pager = pager
+        self._chunker = chunker
 
     def pages(self) -> Iterator[memoryview]:
         return self._pager()
 
+    def chunks(self, max_bytes: int) -> Iterator[ChunkBuffer]:
+        """Whole pages, about ``max_bytes`` at a time (at least one page per chunk)."""
+        if self._chunker is not None:
+            return self._chunker(max_bytes)
+        return _join_pages(self._pager(), max_bytes)
+
     def __repr__(self) -> str:
         return f"CpuData(cpu={self.cpu}, size={self.size}, compressed={self.compressed})"
+
+
+def _join_pages(pages: Iterator[memoryview], max_bytes: int) -> Iterator[bytearray]:
+    """Copy pages into fresh buffers of about ``max_bytes`` each."""
+    out = bytearray()
+    for p in pages:
+        out += p
+        if len(out) >= max_bytes:
+            yield out
+            out = bytearray()
+    if out:
+        yield out
 
 
 @dataclass

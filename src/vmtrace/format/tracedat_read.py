@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 from vmtrace.errors import FormatError
 from vmtrace.format import Buffer, CpuData, TraceSource
 from vmtrace.format.compress import MAX_CHUNK, Codec, get_codec
+from vmtrace.format.fileio import read_at, read_chunks, read_pages
 
 MAGIC = b"\x17\x08\x44tracing"
 
@@ -248,6 +249,7 @@ class TraceDat(TraceSource):
         self.compression = "none"
         self.compression_version = ""
         self._mm: Optional[mmap.mmap] = None
+        self._fd: Optional[int] = None
         try:
             if os.path.exists(self.path) and not stat.S_ISREG(os.stat(self.path).st_mode):
                 raise FormatError("not a regular file", source=self.path)
@@ -256,6 +258,9 @@ class TraceDat(TraceSource):
                 if self.file_size == 0:
                     raise FormatError("empty file, not a trace.dat", source=self.path, offset=0)
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                # CPU data is read with pread through this descriptor, not through the
+                # mapping: mapped pages stay resident once touched (see fileio.py).
+                self._fd = os.dup(f.fileno())
         except OSError as e:
             raise FormatError(f"cannot open: {e.strerror}", source=self.path) from None
         try:
@@ -263,6 +268,7 @@ class TraceDat(TraceSource):
         except BaseException:
             self.close()
             raise
+        _drop_resident(self._mm)
 
     # -- top level
     def _cur(self, pos: int, end: Optional[int] = None) -> _Cursor:
@@ -506,20 +512,16 @@ class TraceDat(TraceSource):
     def _raw_cpu(self, name: str, cpu: int, off: int, size: int) -> CpuData:
         self._check_extent(name, cpu, off, size)
         ps = self.page_size
+        src = f"{self.path} CPU {cpu}"
 
         def pages() -> Iterator[memoryview]:
-            view = memoryview(self._mm)
-            try:
-                end = off + size
-                for p in range(off, end - ps + 1, ps):
-                    yield view[p:p + ps]
-                tail = (end - off) % ps
-                if tail:
-                    yield memoryview(bytes(view[end - tail:end]) + bytes(ps - tail))
-            finally:
-                view.release()
+            yield from read_pages(self._data_fd(), off, size, ps, pad_tail=True, source=src)
 
-        return CpuData(cpu, size, pages, offset=off, compressed=False)
+        def chunks(max_bytes: int) -> Iterator[bytearray]:
+            yield from read_chunks(self._data_fd(), off, size, ps, max_bytes, pad_tail=True,
+                                   source=src)
+
+        return CpuData(cpu, size, pages, offset=off, compressed=False, chunker=chunks)
 
     def _zipped_cpu(self, name: str, cpu: int, off: int, size: int) -> CpuData:
         """Index the chunk headers now (cheap), inflate chunks only while iterating."""
@@ -544,11 +546,19 @@ class TraceDat(TraceSource):
         ps = self.page_size
         codec = self._codec
 
+        def inflated() -> Iterator[bytes]:
+            fd = self._data_fd()
+            for at, zsize, usize in chunks:
+                blob = bytearray(zsize)
+                if read_at(fd, blob, at + 8, source=self.path) != zsize:
+                    raise FormatError("compressed chunk runs past the end of the file",
+                                      source=self.path, offset=at)
+                yield codec.decompress(blob, usize, source=self.path, offset=at,
+                                       limit=MAX_CHUNK)
+
         def pages() -> Iterator[memoryview]:
             rest = b""
-            for at, zsize, usize in chunks:
-                data = codec.decompress(self._mm[at + 8:at + 8 + zsize], usize,
-                                        source=self.path, offset=at, limit=MAX_CHUNK)
+            for data in inflated():
                 if rest:
                     data = rest + data
                 whole = len(data) - len(data) % ps
@@ -559,15 +569,48 @@ class TraceDat(TraceSource):
             if rest:
                 yield memoryview(rest + bytes(ps - len(rest)))
 
-        return CpuData(cpu, total, pages, offset=off, compressed=True)
+        def joined(max_bytes: int) -> Iterator[bytearray]:
+            step = max(ps, max_bytes - max_bytes % ps)
+            out = bytearray()
+            for data in inflated():
+                out += data
+                if len(out) >= step:
+                    whole = len(out) - len(out) % ps
+                    rest = out[whole:]
+                    del out[whole:]
+                    yield out
+                    out = rest
+            if out:
+                if len(out) % ps:
+                    out += bytes(ps - len(out) % ps)
+                yield out
+
+        return CpuData(cpu, total, pages, offset=off, compressed=True, chunker=joined)
+
+    def _data_fd(self) -> int:
+        if self._fd is None:
+            raise FormatError("the trace file is closed", source=self.path)
+        return self._fd
 
     def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         mm, self._mm = self._mm, None
         if mm is not None:
             try:
                 mm.close()
             except BufferError:
                 pass    # a caller still holds a page view; the mapping goes with it
+
+
+def _drop_resident(mm: Optional[mmap.mmap]) -> None:
+    """Unmap the pages parsing touched (metadata is copied out): RSS stays small."""
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def open_tracedat(path: str | os.PathLike) -> TraceDat:
