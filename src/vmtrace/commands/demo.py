@@ -125,7 +125,12 @@ def _show(out: Any, res: Any) -> None:
     out.print(files)
     out.print("open them with:")
     out.print("  trace-cmd report -i %s | less" % q(dat), markup=False)
-    out.print("  kernelshark %s" % q(dat), markup=False)
+    if res.host_dat:
+        host = os.path.join(rel, os.path.basename(res.host_dat))
+        out.print("  trace-cmd report -i %s | less" % q(host), markup=False)
+        out.print("  kernelshark -i %s -a %s" % (q(dat), q(host)), markup=False)
+    else:
+        out.print("  kernelshark -i %s" % q(dat), markup=False)
     out.print("  vmtrace report %s --stats" % q(dat), markup=False)
     if res.html:
         out.print("  xdg-open %s" % q(os.path.join(rel, os.path.basename(res.html))), markup=False)
@@ -146,12 +151,13 @@ def _session_views(out: Any, outdir: str) -> None:
             continue
         if res.returncode != 0:
             err = (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1]
-            out.print("%s: not available for a session here (%s)" % (shown, err[:200]), markup=False)
+            out.print("%s: not available for a session here (%s)" % (shown, err[:200]), markup=False,
+                      soft_wrap=True)
             continue
         lines = res.stdout.splitlines()
         out.print("$ %s   (first %d of %d lines)" % (shown, min(keep, len(lines)), len(lines)), markup=False)
         for line in lines[:keep]:
-            out.print("  " + line, markup=False, highlight=False)
+            out.print("  " + line, markup=False, highlight=False, soft_wrap=True)
 
 
 @click.command("demo")
