@@ -185,11 +185,11 @@ class Controller:
         return protocol.pack_files(files)
 
     def _start(self, msg: protocol.Message) -> protocol.Message:
-        self.agent.start()
+        self.agent.start(mark=_order_mark("start", msg))
         return protocol.msg("ok", re="start")
 
     def _stop(self, msg: protocol.Message) -> protocol.Message:
-        self.agent.stop()
+        self.agent.stop(mark=_order_mark("stop", msg))
         return protocol.msg("ok", re="stop", stats=self.agent.stats())
 
     def _stats(self, msg: protocol.Message) -> protocol.Message:
@@ -206,3 +206,11 @@ class Controller:
         self.agent.stop()
         self.agent.request_exit("bye")
         return protocol.msg("bye", stats=self.agent.stats())
+
+
+def _order_mark(kind: str, msg: protocol.Message) -> str:
+    """The trace_marker line for a framed start/stop: ``vmtrace-order kind=K seq=N``.
+    It lands inside the order's round trip, so the host can check the order on the
+    merged timeline like a time probe (vmtrace check)."""
+    seq = protocol.require(msg, "seq", int, optional=True)
+    return "vmtrace-order kind=%s%s\n" % (kind, "" if seq is None else " seq=%d" % seq)

@@ -171,7 +171,9 @@ class Agent:
         return {cpu: p.tid for cpu, p in self.pumps.items()}
 
     # -- actions (control thread) ---------------------------------------------------------
-    def start(self) -> None:
+    def start(self, mark: Optional[str] = None) -> None:
+        """Start pumping (and tracing, once configured). ``mark``: a trace_marker line
+        written once tracing is on, so the order itself shows in the trace."""
         with self._lock:
             if self.running:
                 return
@@ -191,11 +193,16 @@ class Agent:
             self.started_once = True
             if self.t_start is None:
                 self.t_start = time.monotonic()
+            if mark:
+                self._marker(mark)
 
-    def stop(self) -> None:
+    def stop(self, mark: Optional[str] = None) -> None:
+        """Stop; ``mark`` is written to trace_marker first, while tracing is still on."""
         with self._lock:
             if not self.running:
                 return
+            if mark:
+                self._marker(mark)
             if self.configured:
                 self.tf.tracing_on = False
             events = [p.request(IDLE) for p in self.pumps.values()]
