@@ -90,7 +90,10 @@ def test_record_real_agent_over_fifos(tmp_path):
         assert hs["written"] + hs["dropped"] == sent and hs["dropped"] % PAGE == 0
         assert (tmp_path / "out" / "g1.raw" / ("cpu%s" % cpu)).stat().st_size == hs["written"]
     assert [o[0] for o in g["orders"]] == ["start", "stop", "bye"] and all(o[2] for o in g["orders"])
-    assert len(g["probes"]) >= 2 and all(a <= c for a, _, c in g["probes"])
+    assert len(g["probes"]) >= 2 and all(p[0] <= p[2] for p in g["probes"])
+    # [host_send_ns, guest_ns, host_recv_ns, seq]; orders [kind, send, ack, seq]
+    assert [p[3] for p in g["probes"]] == sorted({p[3] for p in g["probes"]})
+    assert [o[3] for o in g["orders"][:2]] == [1, 2]
     on_disk = json.loads((tmp_path / "out" / "session.json").read_text())
     assert on_disk["layout"] == "vmtrace-session" and on_disk["guests"]["g1"]["clock"] == g["clock"]
     dat = tmp_path / "out" / "g1.dat"

@@ -91,6 +91,7 @@ class Guest:
     next_probe: float = 0.0
     next_stats: float = 0.0
     seq: int = 0
+    order_seq: int = 0
     write_failed: bool = False
     process: Optional[subprocess.Popen] = None  # the host agent, for --host-events
     tmp: Optional[str] = None
@@ -281,11 +282,13 @@ class Session:
         assert g.link is not None
         t0 = time.monotonic_ns()
         if g.framed:
-            rep = g.link.call("start", 10.0)
+            # seq: the agent writes `vmtrace-order kind=start seq=N`, checked like a probe
+            g.order_seq += 1
+            rep = g.link.call("start", 10.0, seq=g.order_seq)
             ok = rep is not None and rep.name == "ok"
         else:
             ok = g.link.order(True)
-        g.orders.append(["start", t0, time.monotonic_ns() if ok else None])
+        g.orders.append(["start", t0, time.monotonic_ns() if ok else None] + ([g.order_seq] if g.framed else []))
         if not ok:
             g.problems.append("no acknowledgement of the start order")
         g.state = "running"
@@ -317,7 +320,7 @@ class Session:
                     t = time.monotonic_ns()
                     rid = g.link.send("time_probe", seq=g.seq)
                     if rid is not None:
-                        g.pending_probes[rid] = t
+                        g.pending_probes[rid] = (t, g.seq)
                         if len(g.pending_probes) > 64:
                             g.pending_probes.pop(next(iter(g.pending_probes)))
                     g.next_probe = now + PROBE_PERIOD_S
@@ -346,10 +349,11 @@ class Session:
         link = g.link
         for rid in [r for r in g.pending_probes if r in link.replies]:
             rep = link.replies.pop(rid)
-            sent = g.pending_probes.pop(rid)
+            sent, seq = g.pending_probes.pop(rid)
             gns = rep.get("guest_ns")
             if rep.name == "time_probe" and isinstance(gns, int) and not isinstance(gns, bool):
-                g.probes.append([sent, gns, t_recv])
+                # seq pairs the probe with its `vmtrace-probe seq=N` marker (merge, check)
+                g.probes.append([sent, gns, t_recv, seq])
                 if len(g.probes) > 1 << 20:
                     del g.probes[: len(g.probes) // 2]
         if g.pending_stats is not None and g.pending_stats in link.replies:
@@ -388,7 +392,8 @@ class Session:
         for g in live:
             t0 = time.monotonic_ns()
             if g.framed:
-                sent[g.name] = (g.link.send("stop"), t0)
+                g.order_seq += 1
+                sent[g.name] = (g.link.send("stop", seq=g.order_seq), t0, g.order_seq)
             else:
                 ok = g.link.order(False)
                 g.orders.append(["stop", t0, None])
@@ -398,9 +403,9 @@ class Session:
         for g in live:
             if g.name not in sent:
                 continue
-            rid, t0 = sent[g.name]
+            rid, t0, seq = sent[g.name]
             rep = g.link.wait(rid, max(0.1, deadline - time.monotonic()))
-            g.orders.append(["stop", t0, time.monotonic_ns() if rep is not None else None])
+            g.orders.append(["stop", t0, time.monotonic_ns() if rep is not None else None, seq])
             if rep is not None and isinstance(rep.get("stats"), dict):
                 g.agent_stats = rep.fields["stats"]
             elif rep is None:
