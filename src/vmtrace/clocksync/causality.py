@@ -109,29 +109,50 @@ def _marker_cpu(session, name: str, ts: int) -> int:
 
 
 def _check_orders(session, name: str, cmap: ClockMap, gc: GuestCheck) -> None:
+    """Orders are ``[kind, host_send_ns, host_ack_ns, seq]`` (``seq`` optional, ack None
+    when the agent never acknowledged). An order whose agent wrote
+    ``vmtrace-order kind=K seq=N`` is checked like a probe, paired by seq; orders without
+    seq are paired with the markers of their kind in order."""
     orders = session.source(name).orders
     if not orders:
         return
-    marks = [(ts, cpu, kv.get("kind")) for ts, cpu, k, kv in session.markers(name) if k == "order"]
+    by_seq: Dict[tuple, tuple] = {}
     by_kind: Dict[str, list] = {}
-    for ts, cpu, kind in marks:
-        by_kind.setdefault(str(kind), []).append((ts, cpu))
+    for ts, cpu, k, kv in session.markers(name):
+        if k != "order":
+            continue
+        kind = str(kv.get("kind"))
+        by_kind.setdefault(kind, []).append((ts, cpu))
+        seq = kv.get("seq", "")
+        if seq.lstrip("-").isdigit():
+            by_seq.setdefault((kind, int(seq)), (ts, cpu))
     seen: Dict[str, int] = {}
+    parsed = []
     for o in orders:
         try:
-            kind, send, ack = str(o[0]), int(o[1]), int(o[2])
+            kind, send = str(o[0]), int(o[1])
+            ack = None if o[2] is None else int(o[2])
+            seq = int(o[3]) if len(o) > 3 and o[3] is not None else None
         except (TypeError, ValueError, IndexError):
             raise VmtraceError("guest %s: bad order entry %r in session.json" % (name, o))
+        parsed.append((kind, send, ack))
         i = seen.get(kind, 0)
         seen[kind] = i + 1
-        if i < len(by_kind.get(kind, [])):
-            ts, cpu = by_kind[kind][i]
-            h = int(cmap.to_host(np.array([ts], dtype=np.int64), np.array([cpu]))[0])
-            _within(name, "order %s #%d marker" % (kind, i + 1), h, send, ack, gc)
-            gc.orders_checked += 1
+        mark = by_seq.get((kind, seq)) if seq is not None else (
+            by_kind[kind][i] if i < len(by_kind.get(kind, [])) else None)
+        if mark is None:
+            continue
+        ts, cpu = mark
+        h = int(cmap.to_host(np.array([ts], dtype=np.int64), np.array([cpu]))[0])
+        label = "order %s %s marker" % (kind, "seq=%d" % seq if seq is not None else "#%d" % (i + 1))
+        if ack is None:
+            _within(name, label, h, send, 1 << 62, gc)   # never acknowledged: only a lower bound
+        else:
+            _within(name, label, h, send, ack, gc)
+        gc.orders_checked += 1
     # Without order markers, the trace itself is bounded by the first start and last stop.
-    starts = [int(o[1]) for o in orders if str(o[0]) in ("start", "1")]
-    stops = [int(o[2]) for o in orders if str(o[0]) in ("stop", "0")]
+    starts = [send for kind, send, _ack in parsed if kind in ("start", "1")]
+    stops = [ack for kind, _send, ack in parsed if kind in ("stop", "0") and ack is not None]
     if not (starts or stops):
         return
     first = last = None
