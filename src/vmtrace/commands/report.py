@@ -130,6 +130,31 @@ def text_lines(trace: Any, *, cpus=None, events=None, start=None, end=None) -> I
         yield from r.lines((ev,), prefix)
 
 
+def text_blocks(trace: Any, *, cpus=None, events=None, start=None, end=None,
+                fast: bool = True) -> Iterator[str]:
+    """The same text as :func:`text_lines`, as blocks of whole lines (each ending in a
+    newline). Unfiltered reports (``--cpu`` allowed) of one buffer go through the bulk
+    renderer (:mod:`vmtrace.format.fastrender`); anything else line by line."""
+    bufs = _buffers_with_data(trace)
+    if fast and len(bufs) == 1 and events is None and start is None and end is None:
+        from vmtrace.format import fastrender
+        if fastrender.supported(trace):
+            from vmtrace.format.render import header_lines
+            yield "\n".join(header_lines(trace.source.nr_cpus or len(trace.cpus()))) + "\n"
+            yield from fastrender.report_blocks(trace, bufs[0], cpus)
+            return
+    buf = []
+    for line in text_lines(trace, cpus=cpus, events=events, start=start, end=end):
+        buf.append(line)
+        if len(buf) >= 4096:
+            buf.append("")
+            yield "\n".join(buf)
+            buf = []
+    if buf:
+        buf.append("")
+        yield "\n".join(buf)
+
+
 def _stats(trace: Any, out) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -149,6 +174,27 @@ def _stats(trace: Any, out) -> None:
     for name, n in st["per_event"].items():
         e.add_row(name, str(n))
     con.print(e)
+
+
+def _write_text(trace: Any, out: Optional[str], **sel: Any) -> None:
+    """Text report to ``out`` or stdout, encoded and written in large blocks."""
+    if out:
+        f = open(out, "wb")
+    else:
+        sys.stdout.flush()
+        f = getattr(sys.stdout, "buffer", None)
+    if f is None:       # a text-only stdout (tests capturing output)
+        for block in text_blocks(trace, **sel):
+            sys.stdout.write(block)
+        sys.stdout.flush()
+        return
+    try:
+        for block in text_blocks(trace, **sel):
+            f.write(block.encode("utf-8", "surrogateescape"))
+        f.flush()
+    finally:
+        if out:
+            f.close()
 
 
 @click.command("report")
@@ -197,23 +243,7 @@ def _run(trace: Any, file: str, fmt: str, out: Optional[str], events: Optional[s
             from vmtrace.export.parquet import write_parquet
             write_parquet(trace, out, cpus=cpus, events=evs, start=s, end=e)
         else:
-            f = open(out, "w", encoding="utf-8", errors="surrogateescape") if out else sys.stdout
-            try:
-                write = f.write
-                buf = []
-                for line in text_lines(trace, cpus=cpus, events=evs, start=s, end=e):
-                    buf.append(line)
-                    if len(buf) >= 4096:
-                        buf.append("")
-                        write("\n".join(buf))
-                        buf = []
-                if buf:
-                    buf.append("")
-                    write("\n".join(buf))
-                f.flush()
-            finally:
-                if out:
-                    f.close()
+            _write_text(trace, out, cpus=cpus, events=evs, start=s, end=e)
         if keep_going and trace.problems:
             print(f"vmtrace: warning: {file}: skipped {len(trace.problems)} corrupt page(s) "
                   f"(first: cpu{trace.problems[0][0]} offset {trace.problems[0][1].offset}: "

@@ -1139,6 +1139,12 @@ class PrintFmt:
     render: Optional[Callable[[Mapping[str, Any]], str]] = None
     render_payload: Optional[Callable[[Any], str]] = None
     used_fields: tuple = ()
+    # For renderers that format many events at once (vmtrace.format.fastrender): the
+    # Python %-format of the text (literal % already doubled), one Python expression
+    # over f_<field> variables per conversion, and the globals those expressions need.
+    body_fmt: str = ""
+    body_args: tuple = ()
+    namespace: Optional[dict] = None
 
 
 def compile_print_fmt(
@@ -1167,7 +1173,7 @@ def compile_print_fmt(
     pf = PrintFmt(text=text, fmt=fmt, fields=tuple(infos.values()))
     try:
         args = _Parser(_tokenize(argtext)).args() if argtext.strip() else []
-        src, consts, used = _codegen(fmt, args, infos, long_size, endian)
+        src, consts, used, body = _codegen(fmt, args, infos, long_size, endian)
     except (_Unsupported, FormatError) as exc:
         pf.failed = str(exc)
         return pf
@@ -1185,6 +1191,8 @@ def compile_print_fmt(
     pf.render_payload = ns["_render_payload"]
     pf.source = src
     pf.used_fields = tuple(sorted(used))
+    pf.body_fmt, pf.body_args = body[0], tuple(body[1])
+    pf.namespace = glb
     return pf
 
 
@@ -1325,4 +1333,4 @@ def _codegen(fmt: str, args: list, infos: Mapping[str, FieldInfo], long_size: in
     lines.append("def _render_payload(p):")
     lines.extend(plines)
     lines.append(ret)
-    return "\n".join(lines) + "\n", g.consts, g.used
+    return "\n".join(lines) + "\n", g.consts, g.used, (fmt_text, out_args)

@@ -70,13 +70,15 @@ class TextRenderer:
     trace-cmd, learns names from sched_switch/sched_wakeup events as they are printed.
     """
 
-    def __init__(self, metadata: Any, *, long_size: int = 8):
+    def __init__(self, metadata: Any, *, long_size: int = 8, kallsyms: Any = None):
         self.comms: Dict[int, str] = dict(getattr(metadata, "cmdlines", {}) or {})
-        self.ctx = _Ctx(self.comms, getattr(metadata, "kallsyms", None))
+        self.ctx = _Ctx(self.comms, kallsyms if kallsyms is not None
+                        else getattr(metadata, "kallsyms", None))
         printk = getattr(metadata, "printk", {}) or {}
         self._printk = printk.get
         self.long_size = long_size
         self._types: Dict[int, tuple] = {}
+        self._pfs: Dict[int, Any] = {}
         self.failed: Dict[str, str] = {}   # event -> why its print fmt did not compile
 
     # ---------------------------------------------------------------- per event type
@@ -89,6 +91,7 @@ class TextRenderer:
                                printk=self._printk, long_size=self.long_size,
                                endian=getattr(fmt, "endian", "<"),
                                where=f"{fmt.system}:{name}")
+        self._pfs[id(fmt)] = pf
         if pf.render_payload is not None:
             default = pf.render_payload
         else:
@@ -103,6 +106,12 @@ class TextRenderer:
         if t is None:
             t = self._types[id(fmt)] = (self._prepare(fmt), fmt)
         return t[0][1](payload)
+
+    def printfmt(self, fmt: Any) -> Any:
+        """The compiled print fmt (:class:`~vmtrace.format.printfmt.PrintFmt`) of ``fmt``."""
+        if id(fmt) not in self._types:
+            self._types[id(fmt)] = (self._prepare(fmt), fmt)
+        return self._pfs.get(id(fmt))
 
     # ---------------------------------------------------------------- lines
     def comm(self, pid: int) -> str:

@@ -1,0 +1,896 @@
+"""``trace-cmd report`` text, many events at a time: same bytes, a few times faster.
+
+:mod:`vmtrace.format.render` formats one event per call; this module formats a whole
+chunk of merged events with a handful of numpy steps and one ``%`` operation per line,
+and falls back to the per-event renderer wherever bulk rendering could differ:
+
+1. **Merge.** Each CPU's batches (:meth:`vmtrace.api.Trace.batches`) become items
+   (events, plus lost-event markers placed like :mod:`vmtrace.api` places them). trace-cmd
+   (and ``heapq.merge`` in the per-event path) repeatedly takes the CPU whose next item
+   has the smallest timestamp, ties to the lower CPU. For streams that are sorted that
+   is a stable sort by (timestamp, CPU, position); for streams whose clock steps back it
+   is the same sort on each stream's running maximum of the timestamp, which is what we
+   sort on. Items are released in windows: everything below the smallest "last pending
+   key" of the CPUs that still have data, so memory is bounded by about one decoded
+   chunk per CPU.
+2. **Comm column.** trace-cmd learns task names from sched_switch/sched_wakeup as it
+   prints them (a pid gets the first name seen, the event that teaches it still shows
+   the old one). A pass over just those events, in merged order, gives for each pid the
+   position from which its new name applies.
+3. **Lines per event type.** For each (batch, event type) in a window the fields used by
+   the print fmt (or plugin) are gathered into numpy columns; each conversion's argument
+   becomes a column: simple casts in numpy, helper calls (flags, symbols, printk
+   strings) evaluated once per distinct value, anything else per event with the same
+   generated expression the per-event renderer uses. Then
+   ``list(map(FMT.__mod__, zip(head, sec, usec, *args)))`` makes the lines, where FMT is
+   the buffer prefix, the header layout with the CPU filled in, the padded name and the
+   print fmt's own format.
+4. Lines are scattered back into merged order and written in large blocks.
+
+Payloads too short for the fields used, ``__data_loc`` strings pointing past the
+payload, event types with fields or helpers not handled here, and any group whose bulk
+evaluation raises go through :class:`~vmtrace.format.render.TextRenderer` unchanged.
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import re
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from vmtrace.format.printfmt import M64, _HELPERS, FieldInfo, compile_reader, field_info
+from vmtrace.format.render import TextRenderer, event_name_column, header_lines, lost_text
+
+# Lines rendered per step: bounds the Python objects alive at once (~64k lines of text).
+SUB_CHUNK = 1 << 16
+
+_U64 = np.uint64
+
+
+# --------------------------------------------------------------------------- kallsyms
+
+
+class FastKallsyms:
+    """The same lookups as :class:`vmtrace.format.metadata.KallSyms`, parsed with numpy.
+
+    A regular ``/proc/kallsyms`` (16 hex digits, one space, a type letter, one space, a
+    name) is read in a few array operations instead of a Python split per line; any
+    other text goes to ``fallback`` (the metadata's own parser), so results never differ.
+    """
+
+    _WS = (9, 10, 11, 12, 13, 28, 29, 30, 31, 32)
+
+    def __init__(self, raw: Any, fallback: Any):
+        self._raw = raw
+        self._fallback = fallback
+        self._addrs: Optional[np.ndarray] = None
+        self._slow = False
+
+    def _load(self) -> None:
+        raw = self._raw
+        self._raw = None
+        if isinstance(raw, str):
+            self._slow = True
+            return
+        raw = bytes(raw or b"")
+        if raw[:2] == b"\x1f\x8b":
+            self._slow = True
+            return
+        parsed = _parse_kallsyms(raw)
+        if parsed is None:
+            self._slow = True
+            return
+        self._addrs, self._starts, self._ends, self._bytes = parsed
+
+    def lookup(self, addr: int) -> Optional[tuple]:
+        if self._addrs is None and not self._slow:
+            self._load()
+        if self._slow:
+            return self._fallback.lookup(addr) if self._fallback is not None else None
+        addrs = self._addrs
+        if not addrs.shape[0] or addr < 0 or addr > M64:
+            return None
+        i = int(np.searchsorted(addrs, _U64(addr), side="right")) - 1
+        if i < 0:
+            return None
+        start = int(addrs[i])
+        nxt = int(addrs[i + 1]) if i + 1 < addrs.shape[0] else start
+        size = nxt - start if nxt > start else 0
+        if size and addr - start >= size:
+            return None
+        name = self._bytes[int(self._starts[i]):int(self._ends[i])].split(None, 1)[0].decode()
+        return name, addr - start, size
+
+
+def _parse_kallsyms(raw: bytes) -> Optional[tuple]:
+    """(sorted addresses, name starts, line ends, text) or None if not regular.
+
+    Regular means what the per-line parser would read as ``addr type name [mod]`` with
+    exactly one space between the first three: then the name is the bytes from column
+    19 to the next space or tab, read when a lookup needs it.
+    """
+    empty = (np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64), raw)
+    if not raw:
+        return empty
+    # bytes str.splitlines()/split() treat specially; non-ASCII decodes with replacement
+    if not raw.isascii() or any(bytes([c]) in raw for c in b"\r\x0b\x0c\x1c\x1d\x1e\x1f"):
+        return None
+    a = np.frombuffer(raw, np.uint8)
+    nl = np.flatnonzero(a == 10)
+    starts = np.concatenate(([0], nl + 1))
+    ends = np.concatenate((nl, [a.shape[0]]))
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    if not starts.shape[0]:
+        return empty
+    if (ends - starts < 20).any():
+        return None
+    if not (a[starts + 16] == 32).all() or not (a[starts + 18] == 32).all():
+        return None
+    for col in (a[starts + 17], a[starts + 19]):
+        if ((col == 32) | (col == 9)).any():
+            return None
+    lut = np.full(256, 255, np.uint8)
+    lut[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+    lut[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+    digits = lut[np.lib.stride_tricks.sliding_window_view(a, 16)[starts]]
+    if (digits == 255).any():
+        return None
+    addrs = np.zeros(starts.shape[0], np.uint64)
+    four = np.uint64(4)
+    for k in range(16):
+        addrs = (addrs << four) | digits[:, k]
+    nz = addrs != 0
+    addrs, nstart, ends = addrs[nz], (starts + 19)[nz], ends[nz]
+    order = np.argsort(addrs, kind="stable")
+    return addrs[order], nstart[order], ends[order], raw
+
+
+# --------------------------------------------------------------------------- columns
+
+# Column kinds: ("num", 1-D int array) ("arr", 2-D int array) ("str", uniq obj array, inv)
+_STRUCT_OK = (1, 2, 4, 8)
+
+
+def _bulk_field(fi: FieldInfo) -> bool:
+    if not fi.is_array:
+        return fi.size in _STRUCT_OK
+    if fi.is_string:
+        return fi.is_dynamic or fi.size > 0
+    return (not fi.is_dynamic) and fi.size > 0 and fi.elsize in _STRUCT_OK
+
+
+def _decode_strings(block: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """char rows -> (distinct texts, index per row), cut at the first NUL like _cstr."""
+    n, w = block.shape
+    if w == 0:
+        return np.array([""], dtype=object), np.zeros(n, np.intp)
+    block = np.array(block, copy=True)
+    nul = np.cumsum(block == 0, axis=1) > 0
+    block[nul] = 0
+    fixed = np.ascontiguousarray(block).view("S%d" % w).reshape(-1)
+    uniq, inv = np.unique(fixed, return_inverse=True)
+    texts = np.empty(len(uniq), dtype=object)
+    texts[:] = [u.decode("utf-8", "replace") for u in uniq.tolist()]
+    return texts, inv.reshape(-1)
+
+
+class _Group:
+    """Fields of some events of one type, gathered from one batch."""
+
+    def __init__(self, raw: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+                 fields: Dict[str, FieldInfo], span: int):
+        self.n = offs.shape[0]
+        self.cols: Dict[str, tuple] = {}
+        bad = lens < span
+        if span and self.n:
+            win = np.lib.stride_tricks.sliding_window_view(raw, span)
+            rows = win[np.where(bad, 0, offs)]
+        else:
+            rows = np.zeros((self.n, 0), np.uint8)
+        for name, fi in fields.items():
+            o, s = fi.offset, fi.size
+            if not fi.is_array:
+                dt = np.dtype("<%s%d" % ("i" if fi.signed else "u", s))
+                self.cols[name] = ("num", np.ascontiguousarray(rows[:, o:o + s]).view(dt).reshape(-1))
+            elif fi.is_string and not fi.is_dynamic:
+                self.cols[name] = ("str",) + _decode_strings(rows[:, o:o + s])
+            elif fi.is_string:
+                col, b = _dyn_strings(raw, rows, offs, lens, fi)
+                bad |= b
+                self.cols[name] = col
+            else:
+                es = fi.elsize
+                cnt = s // es
+                dt = np.dtype("<%s%d" % ("i" if fi.signed else "u", es))
+                blk = np.ascontiguousarray(rows[:, o:o + cnt * es]).view(dt).reshape(self.n, cnt)
+                self.cols[name] = ("arr", blk)
+        self.bad = bad
+
+
+def _dyn_strings(raw: np.ndarray, rows: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+                 fi: FieldInfo) -> Tuple[tuple, np.ndarray]:
+    n = offs.shape[0]
+    o = fi.offset
+    w = np.ascontiguousarray(rows[:, o:o + 4]).view("<u4").reshape(n).astype(np.int64)
+    start = (w & 0xFFFF) + (o + 4 if fi.is_rel else 0)
+    length = w >> 16
+    bad = start + length > lens
+    absolute = offs + start
+    inv = np.zeros(n, np.intp)
+    texts: List[np.ndarray] = [np.array([""], dtype=object)]
+    base = 1
+    good = ~bad & (length > 0)
+    if good.any():
+        ls = length[good]
+        for L in np.unique(ls).tolist():
+            idx = np.flatnonzero(good & (length == L))
+            block = np.lib.stride_tricks.sliding_window_view(raw, L)[absolute[idx]]
+            t, i = _decode_strings(block)
+            inv[idx] = i + base
+            base += len(t)
+            texts.append(t)
+    return ("str", np.concatenate(texts), inv), bad
+
+
+def _materialize(col: tuple) -> list:
+    if col[0] == "str":
+        return col[1][col[2]].tolist()
+    return col[1].tolist()
+
+
+# --------------------------------------------------------------------------- argument plans
+
+_MASKS = {(1 << b) - 1: b for b in (8, 16, 32, 64)}
+
+
+def _vector(node: ast.AST, cols: Dict[str, tuple]) -> Optional[np.ndarray]:
+    """Evaluate the simple integer expressions codegen emits (casts, masks, a[K]) in numpy."""
+    if isinstance(node, ast.Name) and node.id.startswith("f_"):
+        c = cols.get(node.id[2:])
+        return c[1] if c is not None and c[0] == "num" else None
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_s" \
+            and len(node.args) == 2 and isinstance(node.args[1], ast.Constant) \
+            and node.args[1].value in (8, 16, 32, 64):
+        v = _vector(node.args[0], cols)
+        return None if v is None else v.astype("i%d" % (node.args[1].value // 8))
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd) \
+            and isinstance(node.right, ast.Constant) and node.right.value in _MASKS:
+        v = _vector(node.left, cols)
+        return None if v is None else v.astype("u%d" % (_MASKS[node.right.value] // 8))
+    if isinstance(node, ast.IfExp) and isinstance(node.body, ast.Subscript) \
+            and isinstance(node.orelse, ast.Constant) and node.orelse.value == 0:
+        # codegen's "(f_a[K] if 0 <= K < len(f_a) else 0)" with a constant K
+        sub = node.body
+        if isinstance(sub.value, ast.Name) and isinstance(sub.slice, ast.Constant) \
+                and isinstance(sub.slice.value, int) and sub.value.id.startswith("f_") \
+                and ast.dump(node.test) == ast.dump(ast.parse(
+                    "0 <= %d < len(%s)" % (sub.slice.value, sub.value.id), mode="eval").body):
+            c = cols.get(sub.value.id[2:])
+            if c is None or c[0] != "arr":
+                return None
+            k = sub.slice.value
+            if 0 <= k < c[1].shape[1]:
+                return c[1][:, k]
+            return np.zeros(c[1].shape[0], np.int64)
+    return None
+
+
+class _Arg:
+    """One conversion argument: how to turn gathered columns into a list of values."""
+
+    def __init__(self, code: str, fields: Dict[str, FieldInfo], ns: dict):
+        self.code = code
+        self.tree = ast.parse(code, mode="eval").body
+        names = sorted({n.id[2:] for n in ast.walk(self.tree)
+                        if isinstance(n, ast.Name) and n.id.startswith("f_") and n.id[2:] in fields})
+        self.fields = names
+        self.direct = names[0] if isinstance(self.tree, ast.Name) and names else None
+        self.ns = ns
+        self._fn: Any = None
+
+    @property
+    def fn(self) -> Any:
+        if self._fn is None:
+            src = "lambda %s: %s" % (", ".join("f_" + n for n in self.fields), self.code)
+            self._fn = eval(compile(src, "<bulk arg>", "eval"), self.ns)  # noqa: S307 - printfmt's code
+        return self._fn
+
+    def column(self, g: _Group) -> list:
+        n = g.n
+        if self.direct is not None:
+            return _materialize(g.cols[self.direct])
+        v = _vector(self.tree, g.cols)
+        if v is not None:
+            return v.tolist()
+        fn = self.fn
+        if not self.fields:
+            return [fn()] * n
+        if len(self.fields) == 1:
+            c = g.cols[self.fields[0]]
+            if c[0] == "str":
+                vals = list(map(fn, c[1].tolist()))
+                return _objects(vals)[c[2]].tolist()
+            if c[0] == "num":
+                u, inv = np.unique(c[1], return_inverse=True)
+                if u.shape[0] * 2 < n:
+                    return _objects(list(map(fn, u.tolist())))[inv.reshape(-1)].tolist()
+                return list(map(fn, c[1].tolist()))
+        return list(map(fn, *[_materialize(g.cols[f]) for f in self.fields]))
+
+
+def _objects(vals: list) -> np.ndarray:
+    out = np.empty(len(vals), dtype=object)
+    for i, v in enumerate(vals):
+        out[i] = v
+    return out
+
+
+# --------------------------------------------------------------------------- plugins in bulk
+# The same text as vmtrace.format.plugins, as a format and argument expressions.
+
+_STATES = "SDTtZXxW"
+_TLB = {0: "flush on task switch", 1: "remote shootdown", 2: "local shootdown",
+        3: "local mm shootdown"}
+
+
+def _plugin_ns(ctx: Any) -> dict:
+    symbol = ctx.symbol
+
+    def kprefix(v: int) -> str:
+        addr = v & M64
+        hit = symbol(addr)
+        if hit is None:
+            return ""
+        return "(%s+0x%x) " % (hit[0], (addr - hit[1]) & 0xFFFFFFFF)
+
+    def funcf(v: int) -> str:
+        v &= M64
+        hit = symbol(v)
+        if hit is None:
+            return "0x%08x" % v
+        return "%s/0x%x" % (hit[0], (hit[1] - v) & M64)
+
+    def state(st: int) -> str:
+        if st & ((1 << len(_STATES)) - 1):
+            return "|".join(_STATES[i] for i in range(len(_STATES)) if st >> i & 1)
+        return "R"
+
+    def tlbr(r: int) -> str:
+        return _TLB.get(r) or ""
+
+    ns = dict(_HELPERS)
+    ns.update(_kprefix=kprefix, _funcf=funcf, _state=state, _tlbr=tlbr)
+    return ns
+
+
+def _plugin_spec(fmt: Any, names: set, pf: Any, ctx: Any) -> Optional[tuple]:
+    """(body format, arg codes, namespace, registration kind) for plugin events.
+
+    ``None`` when the event has no plugin or the plugin would not apply (then the
+    print fmt is used, as libtraceevent does); ``False`` when the plugin applies but has
+    no bulk form here (then the event goes through the per-event renderer).
+    """
+    key = (fmt.system, fmt.name)
+    has = names.__contains__
+    M = str(M64)
+    if key == ("sched", "sched_switch"):
+        need = ["prev_comm", "prev_pid", "prev_prio", "prev_state", "next_comm", "next_pid", "next_prio"]
+        if not all(map(has, need)):
+            return None
+        return ("%s:%d [%d] %s ==> %s:%d [%d]",
+                ["f_prev_comm", "f_prev_pid", "_s(f_prev_prio, 32)", "_state(f_prev_state)",
+                 "f_next_comm", "f_next_pid", "_s(f_next_prio, 32)"], _plugin_ns(ctx), "switch")
+    if key in (("sched", "sched_wakeup"), ("sched", "sched_wakeup_new")):
+        if not (has("comm") and has("pid")):
+            return None
+        body, args = "%s:%d", ["f_comm", "f_pid"]
+        if has("prio"):
+            body += " [%d]"
+            args.append("f_prio")
+        if has("success"):
+            body += " success=%d"
+            args.append("f_success")
+        if has("target_cpu"):
+            body += " CPU:%03d"
+            args.append("(f_target_cpu & %s)" % M)
+        return body, args, _plugin_ns(ctx), "wakeup"
+    if fmt.system == "kmem" and fmt.name in ("kfree", "kmalloc", "kmalloc_node", "kmem_cache_alloc",
+                                             "kmem_cache_alloc_node", "kmem_cache_free"):
+        if not has("call_site"):
+            return None
+        if pf is None or pf.render_payload is None:
+            return False
+        return ("%s" + pf.body_fmt, ["_kprefix(f_call_site)"] + list(pf.body_args),
+                dict(pf.namespace, **_plugin_ns(ctx)), None)
+    if key in (("timer", "hrtimer_expire_entry"), ("timer", "hrtimer_start")):
+        t = "timer" if has("timer") else "hrtimer"
+        if key[1] == "hrtimer_expire_entry":
+            if not all(map(has, (t, "now", "function"))):
+                return None
+            return ("hrtimer=0x%x now=%d function=%s",
+                    ["(f_%s & %s)" % (t, M), "(f_now & %s)" % M, "_funcf(f_function)"],
+                    _plugin_ns(ctx), None)
+        if not all(map(has, (t, "function", "expires", "softexpires"))):
+            return None
+        return ("hrtimer=0x%x function=%s expires=%d softexpires=%d",
+                ["(f_%s & %s)" % (t, M), "_funcf(f_function)", "(f_expires & %s)" % M,
+                 "(f_softexpires & %s)" % M], _plugin_ns(ctx), None)
+    if key == ("tlb", "tlb_flush"):
+        if not (has("pages") and has("reason")):
+            return None
+        return ("pages=%d reason=%s (%d)", ["_s(f_pages, 64)", "_tlbr(f_reason)", "f_reason"],
+                _plugin_ns(ctx), None)
+    if key == ("syscalls", "sys_enter_futex"):
+        if all(map(has, ("uaddr", "op", "val", "utime", "uaddr2", "val3"))):
+            return False
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- per event type
+
+
+class _Type:
+    """How to render one event type in bulk, or ``bulk = False`` for the per-event path."""
+
+    def __init__(self, fmt: Any, r: TextRenderer, prefix: str):
+        self.fmt = fmt
+        self.bulk = False
+        self.reg = None
+        self.reg_read = None
+        self.fmts: Dict[int, str] = {}
+        if fmt is None:
+            self.tail = "[UNKNOWN EVENT]".replace("%", "%%")
+            self.args: List[_Arg] = []
+            self.fields: Dict[str, FieldInfo] = {}
+            self.span = 0
+            self.bulk = True
+            self.prefix = prefix.replace("%", "%%")
+            return
+        if getattr(fmt, "endian", "<") != "<":
+            return
+        name = getattr(fmt, "name", "") or "(NULL)"
+        infos = [field_info(f, r.long_size) for f in fmt.fields]
+        by_name = {fi.name: fi for fi in infos}
+        pf = r.printfmt(fmt)
+        spec = _plugin_spec(fmt, set(by_name), pf, r.ctx)
+        if spec is False:
+            return
+        if spec is None:
+            if pf is None or pf.render_payload is None or pf.namespace is None:
+                return
+            spec = (pf.body_fmt, list(pf.body_args), pf.namespace, None)
+        body, codes, ns, self.reg = spec
+        try:
+            args = [_Arg(c, by_name, ns) for c in codes]
+        except (SyntaxError, ValueError, TypeError):
+            return
+        used = sorted({f for a in args for f in a.fields})
+        if self.reg == "switch":
+            used = sorted(set(used) | {"prev_pid", "prev_comm", "next_pid", "next_comm"})
+            self.reg_read = compile_reader(fmt.fields, ["prev_pid", "prev_comm", "next_pid", "next_comm"],
+                                           long_size=r.long_size, endian="<")
+        elif self.reg == "wakeup":
+            used = sorted(set(used) | {"pid", "comm"})
+            self.reg_read = compile_reader(fmt.fields, ["pid", "comm"], long_size=r.long_size,
+                                           endian="<")
+        fields = {n: by_name[n] for n in used}
+        if not all(_bulk_field(fi) for fi in fields.values()):
+            return
+        # struct.unpack_from in the per-event path needs every scalar it reads; slices of
+        # strings are clamped there, so a payload shorter than a string differs: per event.
+        self.span = max([fi.offset + (4 if fi.is_dynamic else fi.size) for fi in fields.values()]
+                        + [0])
+        self.fields = fields
+        self.args = args
+        self.tail = (event_name_column(name).replace("%", "%%") + body)
+        self.prefix = prefix.replace("%", "%%")
+        self.bulk = True
+
+    def line_fmt(self, cpu: int) -> str:
+        f = self.fmts.get(cpu)
+        if f is None:
+            f = self.fmts[cpu] = "%s%%s [%03d] %%5d.%%06d: %s" % (self.prefix, cpu, self.tail)
+        return f
+
+
+# --------------------------------------------------------------------------- merge
+
+
+class _Seg:
+    """Pending items of one batch: keys (running max of ts), codes (event i, or ~marker)."""
+
+    __slots__ = ("batch", "cpu", "keys", "codes", "markers", "pids", "lo")
+
+    def __init__(self, batch: Any, cpu: int, keys: np.ndarray, codes: np.ndarray,
+                 markers: list, pids: np.ndarray):
+        self.batch, self.cpu, self.keys, self.codes = batch, cpu, keys, codes
+        self.markers, self.pids, self.lo = markers, pids, 0
+
+
+class _Stream:
+    def __init__(self, cpu: int, batches: Iterator[Any], owner: "FastReport"):
+        self.cpu = cpu
+        self.it = batches
+        self.owner = owner
+        self.done = False
+        self.segs: List[_Seg] = []
+        self.carry = 0
+        self.needmore = False
+
+    def pending(self) -> int:
+        return sum(s.keys.shape[0] - s.lo for s in self.segs)
+
+    def last(self) -> int:
+        s = self.segs[-1]
+        return int(s.keys[-1])
+
+    def load(self) -> None:
+        while True:
+            b = next(self.it, None)
+            if b is None:
+                self.done = True
+                return
+            seg = self.owner._segment(b, self.cpu, self)
+            if seg is not None:
+                self.segs.append(seg)
+                return
+
+
+class FastReport:
+    """All lines of one buffer's report, as text blocks (see the module text)."""
+
+    def __init__(self, trace: Any, buffer: Any, cpus: Optional[List[int]] = None,
+                 renderer: Optional[TextRenderer] = None):
+        self.trace = trace
+        self.buffer = buffer
+        self.prefix = f"{buffer.name}: " if buffer.name else ""
+        ks = FastKallsyms(getattr(trace.source, "kallsyms", None),
+                          getattr(trace.metadata, "kallsyms", None))
+        self.r = renderer or TextRenderer(trace.metadata, long_size=trace.source.long_size,
+                                          kallsyms=ks)
+        self.comms = self.r.comms
+        self.types: Dict[int, _Type] = {}
+        self.heads: Dict[Tuple[int, str], str] = {}
+        self.pid_off, self.pid_size = _pid_field(trace.catalog)
+        self.after_drop: set = set()
+        self.cpus = cpus
+
+    # -- items of one batch -------------------------------------------------------
+    def _segment(self, b: Any, cpu: int, st: _Stream) -> Optional[_Seg]:
+        n = len(b)
+        lost = sorted(b.lost)
+        ts = b.ts
+        if not lost:
+            keys = ts
+            codes = np.arange(n, dtype=np.int64)
+            markers: list = []
+        else:
+            markers = [(m.count,) for m in lost]
+            idx = np.array([m.index for m in lost], np.int64)
+            inside = idx < n
+            at = np.minimum(idx, n)
+            codes = np.insert(np.arange(n, dtype=np.int64), at, ~np.arange(len(lost), dtype=np.int64))
+            mkeys = np.empty(len(lost), np.uint64)
+            if inside.any():
+                mkeys[inside] = ts[idx[inside]]
+            off = self.trace.ts_offset
+            for k in np.flatnonzero(~inside).tolist():
+                mkeys[k] = (lost[k].ts + off) % (1 << 64)
+            keys = np.insert(ts, at, mkeys)
+        if keys.shape[0] == 0:
+            return None
+        keys = np.maximum.accumulate(keys)
+        if st.carry:
+            keys = np.maximum(keys, _U64(st.carry))
+        st.carry = int(keys[-1])
+        return _Seg(b, cpu, keys, codes, markers, self._pids(b))
+
+    def _pids(self, b: Any) -> np.ndarray:
+        n = len(b)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        off, size = self.pid_off, self.pid_size
+        raw = np.frombuffer(b.data, np.uint8)
+        ok = b.length >= off + size
+        win = np.lib.stride_tricks.sliding_window_view(raw, size)
+        vals = np.ascontiguousarray(win[np.where(ok, b.offset + off, 0)]).view("<i%d" % size)
+        return np.where(ok, vals.reshape(-1).astype(np.int64), -1)
+
+    # -- the merge ----------------------------------------------------------------
+    def _windows(self) -> Iterator[Tuple[List[_Seg], np.ndarray, np.ndarray]]:
+        """(segments, segment index per item, code per item) in merged order."""
+        cpus = sorted(c.cpu for c in self.buffer.cpus
+                      if self.cpus is None or c.cpu in self.cpus)
+        streams = [_Stream(c, self.trace.batches(c, self.buffer.name), self) for c in cpus]
+        while True:
+            for s in streams:
+                while not s.done and (not s.segs or s.needmore):
+                    s.needmore = False
+                    s.load()
+            live = [s for s in streams if not s.done]
+            limit = min(s.last() for s in live) if live else None
+            pieces = []
+            for s in streams:
+                while s.segs:
+                    seg = s.segs[0]
+                    end = seg.keys.shape[0] if limit is None else \
+                        int(np.searchsorted(seg.keys, _U64(limit), side="left"))
+                    if end > seg.lo:
+                        pieces.append((seg, seg.lo, end))
+                        seg.lo = end
+                    if seg.lo >= seg.keys.shape[0]:
+                        s.segs.pop(0)
+                        continue
+                    break
+            for s in live:
+                if s.segs and s.last() == limit:
+                    s.needmore = True
+            if pieces:
+                segs = []
+                seg_ix = []
+                keys = []
+                codes = []
+                for k, (seg, lo, hi) in enumerate(pieces):
+                    segs.append(seg)
+                    seg_ix.append(np.full(hi - lo, k, np.int32))
+                    keys.append(seg.keys[lo:hi])
+                    codes.append(seg.codes[lo:hi])
+                keys_a = np.concatenate(keys)
+                order = np.argsort(keys_a, kind="stable")
+                yield segs, np.concatenate(seg_ix)[order], np.concatenate(codes)[order]
+            if not live:
+                return
+
+    # -- rendering ------------------------------------------------------------------
+    def blocks(self) -> Iterator[str]:
+        for segs, seg_ix, codes in self._windows():
+            for a in range(0, seg_ix.shape[0], SUB_CHUNK):
+                yield self._render(segs, seg_ix[a:a + SUB_CHUNK], codes[a:a + SUB_CHUNK])
+
+    def _type(self, tid: int) -> _Type:
+        t = self.types.get(tid)
+        if t is None:
+            t = self.types[tid] = _Type(self.trace.catalog.get(tid), self.r, self.prefix)
+        return t
+
+    def _render(self, segs: List[_Seg], seg_ix: np.ndarray, codes: np.ndarray) -> str:
+        n = seg_ix.shape[0]
+        is_ev = codes >= 0
+        pid = np.zeros(n, np.int64)
+        tid = np.zeros(n, np.int64)
+        ts = np.zeros(n, np.uint64)
+        cpu = np.zeros(n, np.int64)
+        present = np.unique(seg_ix).tolist()
+        for k in present:
+            seg = segs[k]
+            m = seg_ix == k
+            cpu[m] = seg.cpu
+            me = m & is_ev
+            e = codes[me]
+            pid[me] = seg.pids[e]
+            tid[me] = seg.batch.type_id[e]
+            ts[me] = seg.batch.ts[e]
+        out = np.empty(n, dtype=object)
+        pos_all = np.arange(n)
+        # groups of (segment, type)
+        ev_pos = np.flatnonzero(is_ev)
+        gkey = seg_ix[ev_pos].astype(np.int64) * 65536 + tid[ev_pos]
+        ukeys, ginv = np.unique(gkey, return_inverse=True)
+        gorder = np.argsort(ginv, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(ginv, minlength=ukeys.shape[0]))))
+        groups = []
+        for g, key in enumerate(ukeys.tolist()):
+            P = ev_pos[gorder[bounds[g]:bounds[g + 1]]]
+            groups.append((segs[key >> 16], key & 0xFFFF, P))
+        # 1. what each group's fields are (also feeds the comm pass)
+        gathered = []
+        regs = []
+        for seg, t, P in groups:
+            ty = self._type(t)
+            gr = None
+            if ty.bulk and ty.fmt is not None:
+                b = seg.batch
+                E = codes[P]
+                gr = _Group(np.frombuffer(b.data, np.uint8), b.offset[E], b.length[E].astype(np.int64),
+                            ty.fields, ty.span)
+            gathered.append((seg, ty, P, gr))
+            if ty.reg is not None:
+                regs.append(self._registrations(seg, ty, P, codes, gr))
+        newly = self._learn(regs) if regs else {}
+        # 2. the comm-pid column
+        heads = self._heads(pid, is_ev, newly)
+        # 3. time columns
+        if ts.shape[0] and int(ts.max()) > M64 - 1000:
+            us = np.array([(int(x) + 500) // 1000 for x in ts.tolist()], dtype=object)
+            secs, usecs = us // 1000000, us % 1000000
+        else:
+            us = (ts + _U64(500)) // _U64(1000)
+            secs, usecs = us // _U64(1000000), us % _U64(1000000)
+        # 4. lines
+        for seg, ty, P, gr in gathered:
+            lines = None
+            if ty.bulk:
+                try:
+                    lines = self._bulk_lines(seg, ty, P, gr, heads, secs, usecs, codes)
+                except (ValueError, TypeError, OverflowError, KeyError, IndexError, ZeroDivisionError):
+                    lines = None
+            if lines is None:
+                lines = self._slow_lines(seg, ty, P, codes, heads, secs, usecs)
+            out[P] = lines
+        # 5. lost-event markers; the next event of that CPU carries no buffer prefix
+        mk = np.flatnonzero(~is_ev)
+        for p in mk.tolist():
+            seg = segs[int(seg_ix[p])]
+            out[p] = self.prefix + lost_text(seg.cpu, seg.markers[~int(codes[p])][0])
+        if self.prefix and (mk.shape[0] or self.after_drop):
+            self._strip_after_drop(out, cpu, is_ev, mk)
+        return "\n".join(out.tolist()) + "\n"
+
+    def _bulk_lines(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: Optional[_Group],
+                    heads: np.ndarray, secs: np.ndarray, usecs: np.ndarray,
+                    codes: np.ndarray) -> Optional[list]:
+        F = ty.line_fmt(seg.cpu)
+        if gr is None:     # unknown event: header only
+            return list(map(F.__mod__, zip(heads[P].tolist(), secs[P].tolist(), usecs[P].tolist())))
+        if gr.bad.any():
+            return None if gr.bad.all() else self._mixed(seg, ty, P, gr, heads, secs, usecs, codes)
+        cols = [a.column(gr) for a in ty.args]
+        return list(map(F.__mod__, zip(heads[P].tolist(), secs[P].tolist(), usecs[P].tolist(), *cols)))
+
+    def _mixed(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: _Group, heads: np.ndarray,
+               secs: np.ndarray, usecs: np.ndarray, codes: np.ndarray) -> list:
+        """Some rows too short for bulk: render the good ones in bulk, the rest per event."""
+        good = ~gr.bad
+        sub = _Group.__new__(_Group)
+        sub.n = int(good.sum())
+        sub.bad = np.zeros(sub.n, bool)
+        sub.cols = {k: ((c[0], c[1][good]) if c[0] != "str" else (c[0], c[1], c[2][good]))
+                    for k, c in gr.cols.items()}
+        Pg = P[good]
+        F = ty.line_fmt(seg.cpu)
+        cols = [a.column(sub) for a in ty.args]
+        good_lines = list(map(F.__mod__, zip(heads[Pg].tolist(), secs[Pg].tolist(),
+                                              usecs[Pg].tolist(), *cols)))
+        res = np.empty(P.shape[0], dtype=object)
+        res[good] = good_lines
+        Pb = P[gr.bad]
+        res[gr.bad] = self._slow_lines(seg, ty, Pb, codes, heads, secs, usecs)
+        return res.tolist()
+
+    def _slow_lines(self, seg: _Seg, ty: _Type, P: np.ndarray, codes: np.ndarray,
+                    heads: np.ndarray, secs: np.ndarray, usecs: np.ndarray) -> list:
+        """The per-event renderer, for what bulk rendering does not cover."""
+        b = seg.batch
+        E = codes[P].tolist()
+        data = memoryview(b.data)
+        fmt = ty.fmt
+        pre = self.prefix
+        c = seg.cpu
+        out = []
+        hl, sl, ul = heads[P].tolist(), secs[P].tolist(), usecs[P].tolist()
+        if fmt is None:
+            for h, s, u in zip(hl, sl, ul):
+                out.append("%s%s [%03d] %5d.%06d: [UNKNOWN EVENT]" % (pre, h, c, s, u))
+            return out
+        col = event_name_column(getattr(fmt, "name", "") or "(NULL)")
+        info = self.r.info
+        bo, bl = b.offset, b.length
+        for e, h, s, u in zip(E, hl, sl, ul):
+            o = int(bo[e])
+            p = data[o:o + int(bl[e])]
+            out.append("%s%s [%03d] %5d.%06d: %s%s" % (pre, h, c, s, u, col, info(fmt, p)))
+        return out
+
+    # -- comm learning ----------------------------------------------------------------
+    def _registrations(self, seg: _Seg, ty: _Type, P: np.ndarray, codes: np.ndarray,
+                       gr: Optional[_Group]) -> tuple:
+        """(positions*2+k, pids, comms) this group registers, in its own order."""
+        pairs = (("prev_pid", "prev_comm"), ("next_pid", "next_comm")) if ty.reg == "switch" \
+            else (("pid", "comm"),)
+        if gr is not None and not gr.bad.any():
+            pos, pids, names = [], [], []
+            for k, (pf, cf) in enumerate(pairs):
+                pos.append(P.astype(np.int64) * 2 + k)
+                pids.append(gr.cols[pf][1].astype(np.int64))
+                c = gr.cols[cf]
+                names.append(c[1][c[2]])
+            return np.concatenate(pos), np.concatenate(pids), np.concatenate(names)
+        # some payloads are short: read each as the plugin does (it registers only if
+        # its read succeeds)
+        read = ty.reg_read
+        b = seg.batch
+        data = memoryview(b.data)
+        pos, pids, names = [], [], []
+        for p, e in zip(P.tolist(), codes[P].tolist()):
+            o = int(b.offset[e])
+            try:
+                v = read(data[o:o + int(b.length[e])])
+            except Exception:  # noqa: BLE001 - the plugin's guard catches these too
+                continue
+            for k in range(len(pairs)):
+                pos.append(p * 2 + k)
+                pids.append(v[2 * k])
+                names.append(v[2 * k + 1])
+        return (np.array(pos, np.int64), np.array(pids, np.int64), _objects(names))
+
+    def _learn(self, regs: list) -> Dict[int, int]:
+        pos = np.concatenate([r[0] for r in regs])
+        pids = np.concatenate([r[1] for r in regs])
+        names = np.concatenate([r[2] for r in regs])
+        order = np.argsort(pos, kind="stable")
+        comms = self.comms
+        newly: Dict[int, int] = {}
+        for p, pid, name in zip(pos[order].tolist(), pids[order].tolist(), names[order].tolist()):
+            if pid and pid not in comms:
+                comms[pid] = name
+                newly[pid] = p >> 1
+        return newly
+
+    def _heads(self, pid: np.ndarray, is_ev: np.ndarray, newly: Dict[int, int]) -> np.ndarray:
+        u, inv = np.unique(pid, return_inverse=True)
+        inv = inv.reshape(-1)
+        comms = self.comms
+        cache = self.heads
+        final = np.empty(u.shape[0], dtype=object)
+        before = None
+        reg = None
+        ul = u.tolist()
+        for i, p in enumerate(ul):
+            name = "<idle>" if p == 0 else comms.get(p, "<...>")
+            h = cache.get((p, name))
+            if h is None:
+                h = cache[(p, name)] = "%16s-%-5d" % (name, p)
+            final[i] = h
+        if newly:
+            before = final.copy()
+            reg = np.full(u.shape[0], -1, np.int64)
+            for i, p in enumerate(ul):
+                if p in newly:
+                    reg[i] = newly[p]
+                    before[i] = "%16s-%-5d" % ("<...>", p)
+            heads = final[inv]
+            use_before = np.arange(pid.shape[0]) <= reg[inv]
+            if use_before.any():
+                heads[use_before] = before[inv][use_before]
+            return heads
+        return final[inv]
+
+    def _strip_after_drop(self, out: np.ndarray, cpu: np.ndarray, is_ev: np.ndarray,
+                          mk: np.ndarray) -> None:
+        L = len(self.prefix)
+        todo = set(cpu[mk].tolist()) | self.after_drop
+        for c in sorted(todo):
+            idx = np.flatnonzero(cpu == c)
+            if not idx.shape[0]:
+                continue
+            kinds = is_ev[idx]
+            prev_marker = np.concatenate(([c in self.after_drop], ~kinds[:-1]))
+            for p in idx[kinds & prev_marker].tolist():
+                out[p] = out[p][L:]
+            if kinds[-1]:
+                self.after_drop.discard(c)
+            else:
+                self.after_drop.add(c)
+
+
+def _pid_field(catalog: Any) -> Tuple[int, int]:
+    for ev_id in catalog.ids():
+        fmt = catalog.get(ev_id)
+        f = fmt.field("common_pid") if fmt else None
+        if f is not None and f.size in (1, 2, 4, 8):
+            return f.offset, f.size
+    return 4, 4
+
+
+def supported(trace: Any) -> bool:
+    """Whether :class:`FastReport` renders this trace (else use the per-event path)."""
+    return trace.source.endian in ("<", "little")
+
+
+def report_blocks(trace: Any, buffer: Any, cpus: Optional[List[int]] = None) -> Iterator[str]:
+    """Text blocks (each ending in a newline) of the report of one buffer, no header."""
+    yield from FastReport(trace, buffer, cpus).blocks()
