@@ -334,6 +334,8 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
         t = time.monotonic()
         with AgentGuest(image, script, Path(tmp), smp=opts.smp, accel=accel, on_line=ui.guest_line) as ag:
             timings["boot"] = time.monotonic() - t
+            if stop.is_set():
+                raise VmtraceError("interrupted before the recording started")
             ui.phase("recording %s in the guest for %g s" % (",".join(opts.events), opts.seconds))
             total = opts.seconds + 0.5   # the workload starts a moment after the start order
 
@@ -347,12 +349,14 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
                          progress=progress, stop=stop, host_events=opts.host_events,
                          hello_timeout=10.0)
             timings["record+write"] = time.monotonic() - t
-            ui.phase("waiting for the guest to power off")
             t = time.monotonic()
-            try:
-                ag.guest.wait_exit(30)
-            except VmtraceError:
-                pass   # close() kills it; the recording is already on disk
+            if not stop.is_set():
+                # (if interrupted, the workload may run on for a while: close() kills it)
+                ui.phase("waiting for the guest to power off")
+                try:
+                    ag.guest.wait_exit(30)
+                except VmtraceError:
+                    pass   # close() kills it; the recording is already on disk
             timings["shutdown"] = time.monotonic() - t
             lines = list(ag.lines)
             ready = dict(ag.ready)
