@@ -152,3 +152,62 @@ def test_columnar_equals_scalar_decode_on_a_real_trace(real_trace):
                             assert got == value, (fmt.full_name, name)
                         checked += 1
         assert checked > 100
+
+
+def test_bytes_columns_equal_str_columns_on_a_real_trace(real_trace):
+    """strings="bytes": the same values as text, fixed-width and not decoded."""
+    import vmtrace
+    with vmtrace.open(real_trace) as tr:
+        strings = 0
+        for cpu in tr.cpus():
+            for batch in tr.batches(cpu):
+                for t in np.unique(batch.type_id).tolist():
+                    fmt = tr.catalog.get(t)
+                    sel = np.nonzero(batch.type_id == t)[0]
+                    a = fmt.columns(batch, sel, common=True)
+                    b = fmt.columns(batch, sel, common=True, strings="bytes")
+                    assert a.keys() == b.keys()
+                    for name in a:
+                        if b[name].dtype.kind == "S":
+                            assert ev.text_column(b[name]).tolist() == a[name].tolist()
+                            strings += len(sel)
+                        elif a[name].dtype != object:
+                            assert np.array_equal(a[name], b[name])
+        assert strings > 100
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 16, 20, 33])
+def test_cut_at_nul_matches_text_rules(width):
+    rng = np.random.default_rng(width)
+    block = (rng.integers(0, 3, (300, width)) * 0x61).astype(np.uint8)
+    block[:5] = 0x62                                   # no NUL at all
+    cut = ev.cut_at_nul(block)
+    assert cut.dtype == np.dtype(f"S{width}")
+    assert [ev._text(bytes(r)) for r in block] == [c.decode("utf-8", "replace") for c in cut.tolist()]
+    lengths = rng.integers(0, width + 1, 300)
+    cut = ev.cut_at_nul(block, lengths)
+    assert [ev._text(bytes(r[:n])) for r, n in zip(block, lengths)] == \
+        [c.decode("utf-8", "replace") for c in cut.tolist()]
+
+
+def test_dyn_strings_as_bytes_and_bad_locations():
+    fmt = parse_format("name: e\nID: 7\nformat:\n"
+                       "\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
+                       "\tfield:__data_loc char[] name;\toffset:8;\tsize:4;\tsigned:0;\n")
+    def payload(text: bytes, loc=None) -> bytes:
+        body = text + b"\0"
+        loc = loc if loc is not None else (len(body) << 16) | 12
+        return struct.pack("<H6xI", 7, loc) + body
+    pays = [payload(b"kmalloc-64"), payload(b""), payload(b"a\0b"), payload(b"x" * 90)]
+    data = b"".join(pays)
+    offs = np.cumsum([0] + [len(p) for p in pays[:-1]]).astype(np.int64)
+    lens = np.array([len(p) for p in pays], np.int32)
+    col = fmt.columns_at(data, offs, lens, strings="bytes")["name"]
+    assert col.tolist() == [b"kmalloc-64", b"", b"a", b"x" * 90]
+    bad = payload(b"abc", loc=(50 << 16) | 12)
+    with pytest.raises(FormatError):
+        fmt.columns_at(bad, np.zeros(1, np.int64), np.array([len(bad)], np.int32),
+                       strings="bytes")
+    col = fmt.columns_at(bad, np.zeros(1, np.int64), np.array([len(bad)], np.int32),
+                         strings="bytes", keep_going=True)["name"]
+    assert col.tolist() == [b""]

@@ -82,6 +82,12 @@ def test_pages_stream_from_files_and_cut_pages_are_dropped(tmp_path):
         assert [bytes(p) for p in cpus[0].pages()] == pages
         assert [bytes(p) for p in cpus[2].pages()] == pages[:1]
         assert list(cpus[3].pages()) == []
+        # chunks(): whole pages in fresh buffers the caller keeps, same bytes
+        for size in (1, 4096, 2 * 4096 + 7, 1 << 20):
+            got = list(cpus[0].chunks(size))
+            assert all(len(c) % 4096 == 0 and len(c) <= max(4096, size) for c in got)
+            assert b"".join(got) == b"".join(pages)
+        assert list(cpus[3].chunks(1 << 20)) == []
 
 
 def _drain(path: str, out: Path, page_size: int) -> int:

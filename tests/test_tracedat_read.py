@@ -131,3 +131,30 @@ def test_bad_headers_name_the_problem(tmp_path, blob, what):
     with pytest.raises(FormatError) as ei:
         open_tracedat(p)
     assert what in str(ei.value) and str(p) in str(ei.value)
+
+
+def test_chunks_hold_the_same_bytes_as_pages(real_trace, v6_trace, tmp_path):
+    """chunks() (pread into fresh buffers) and pages() agree, for v7 (zstd), v6 and v7
+    uncompressed; and decoding CPUs from two threads at once is safe."""
+    none = tmp_path / "none.dat"
+    subprocess.run(["trace-cmd", "convert", "--compression", "none", "-i", str(real_trace),
+                    "-o", str(none)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    for path in (real_trace, v6_trace, none):
+        with open_tracedat(path) as src:
+            for b in src.buffers:
+                for c in b.cpus:
+                    paged = b"".join(bytes(p) for p in c.pages())
+                    for size in (src.page_size, 3 * src.page_size + 5, 1 << 20):
+                        chunks = list(c.chunks(size))
+                        assert all(len(x) % src.page_size == 0 for x in chunks)
+                        assert b"".join(chunks) == paged
+    from concurrent.futures import ThreadPoolExecutor
+    import vmtrace
+    with vmtrace.open(real_trace) as tr:
+        one = {c: [b.ts.copy() for b in tr.batches(c)] for c in tr.cpus()}
+        with ThreadPoolExecutor(2) as pool:
+            two = dict(zip(tr.cpus(), pool.map(lambda c: [b.ts.copy() for b in tr.batches(c)],
+                                               tr.cpus())))
+    assert {c: [x.tolist() for x in v] for c, v in one.items()} == \
+           {c: [x.tolist() for x in v] for c, v in two.items()}

@@ -11,6 +11,7 @@ trace does not need them.
 from __future__ import annotations
 
 import io
+import threading
 import zlib
 from typing import Optional
 
@@ -94,15 +95,26 @@ class ZstdCodec(Codec):
             raise FormatError("zstd-compressed trace.dat needs the 'zstandard' package") from None
         self._z = zstandard
         self._c = zstandard.ZstdCompressor(level=3, write_content_size=False)
-        # The window bound keeps a hostile frame from asking for a huge history buffer.
-        self._d = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+        # zstd contexts must not be used by two threads at once, and CPUs are decoded
+        # in parallel: one decompressor per thread.
+        self._local = threading.local()
+        self._clock = threading.Lock()
+
+    @property
+    def _d(self):
+        d = getattr(self._local, "d", None)
+        if d is None:
+            # The window bound keeps a hostile frame from asking for a huge history buffer.
+            d = self._local.d = self._z.ZstdDecompressor(max_window_size=1 << 27)
+        return d
 
     @property
     def version(self) -> str:
         return ".".join(str(x) for x in self._z.ZSTD_VERSION)
 
     def compress(self, data: bytes) -> bytes:
-        return self._c.compress(data)
+        with self._clock:
+            return self._c.compress(data)
 
     def _decompress(self, data: bytes, size: int) -> bytes:
         # stream_reader is bounded by what we ask for, unlike decompress(), which would

@@ -320,20 +320,36 @@ class EventFormat:
                          "itemsize": max(span, 1)}), other
 
     def columns(self, batch: Any, select: Optional[np.ndarray] = None, *,
-                common: bool = False, keep_going: bool = False) -> Dict[str, np.ndarray]:
+                common: bool = False, keep_going: bool = False,
+                strings: str = "str") -> Dict[str, np.ndarray]:
         """Decode the selected events of ``batch`` (all of this type) into arrays.
 
         Fixed fields come out of one numpy gather; strings become ``str`` object
-        arrays; variable-length fields are decoded per event. A payload too short for
-        the fixed fields raises :class:`FormatError` (keep-going: zeros for that row).
+        arrays (``strings="bytes"``: fixed-width numpy bytes ``S<N>``, text up to the
+        first NUL, not decoded, see :func:`text_column`); variable-length fields are
+        decoded per event. A payload too short for the fixed fields raises
+        :class:`FormatError` (keep-going: zeros for that row).
         """
         offs = batch.offset if select is None else batch.offset[select]
         lens = batch.length if select is None else batch.length[select]
-        return self.columns_at(batch.data, offs, lens, common=common, keep_going=keep_going)
+        return self.columns_at(batch.data, offs, lens, common=common, keep_going=keep_going,
+                               strings=strings)
+
+    def _row_plan(self, common: bool) -> Tuple[np.dtype, List[Field], List[Tuple[str, Field]]]:
+        plans = self.__dict__.setdefault("_row_plans", {})
+        plan = plans.get(common)
+        if plan is None:
+            dtype, other = self.row_dtype(common=common)
+            fixed = [(name, self.field(name)) for name in dtype.names or ()]
+            plan = plans[common] = (dtype, other, fixed)
+        return plan
 
     def columns_at(self, data: Any, offs: np.ndarray, lens: np.ndarray, *, common: bool = False,
-                   keep_going: bool = False) -> Dict[str, np.ndarray]:
-        dtype, other = self.row_dtype(common=common)
+                   keep_going: bool = False, strings: str = "str") -> Dict[str, np.ndarray]:
+        if strings not in ("str", "bytes"):
+            raise ValueError(f"strings must be 'str' or 'bytes', not {strings!r}")
+        as_bytes = strings == "bytes"
+        dtype, other, fixed = self._row_plan(common)
         span = dtype.itemsize
         raw = np.frombuffer(data, np.uint8)
         n = offs.shape[0]
@@ -354,16 +370,18 @@ class EventFormat:
             rows[short] = 0
         out: Dict[str, np.ndarray] = {}
         rec = np.ascontiguousarray(rows).view(dtype).reshape(n)
-        for name in dtype.names or ():
-            f = self.field(name)
-            col = rec[name]
+        for name, f in fixed:
             if f is not None and f.kind == STRING:
-                out[name] = _strings_column(rows[:, f.offset:f.offset + f.size])
+                block = rows[:, f.offset:f.offset + f.size]
+                out[name] = cut_at_nul(block) if as_bytes else _strings_column(block)
             else:
-                out[name] = np.ascontiguousarray(col)
+                out[name] = np.ascontiguousarray(rec[name])
         for f in other:
             if f.kind == DYN_STRING:
-                out[f.name] = self._dyn_strings(f, raw, rows, offs, lens, short, keep_going)
+                if as_bytes:
+                    out[f.name] = _dyn_bytes(self, f, raw, rows, offs, lens, short, keep_going)
+                else:
+                    out[f.name] = self._dyn_strings(f, raw, rows, offs, lens, short, keep_going)
                 continue
             vals = np.empty(n, dtype=object)
             for i in range(n):
@@ -415,6 +433,116 @@ def _dyn_strings_impl(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.nd
         block = np.lib.stride_tricks.sliding_window_view(raw, L)[absolute[idx]]
         out[idx] = _strings_column(block)
     return out
+
+
+def _dyn_locations(fmt: "EventFormat", f: Field, rows: np.ndarray, offs: np.ndarray,
+                   lens: np.ndarray, short: np.ndarray, keep_going: bool):
+    """(absolute start, length, bad rows) of a __data_loc field in every row."""
+    n = offs.shape[0]
+    w = rows[:, f.offset:f.offset + 4].copy().view(np.dtype(fmt.endian + "u4")).reshape(n)
+    w = w.astype(np.int64)
+    start = (w & 0xFFFF) + (f.offset + 4 if f.rel else 0)
+    length = w >> 16
+    bad = short | (start + length > lens.astype(np.int64))
+    if bad.any() and not keep_going:
+        i = int(np.nonzero(bad & ~short)[0][0]) if (bad & ~short).any() else int(np.nonzero(bad)[0][0])
+        raise FormatError(f"{fmt.full_name}: field {f.name!r} points at bytes {int(start[i])}.."
+                          f"{int(start[i] + length[i])} past the payload end {int(lens[i])}",
+                          offset=int(offs[i]))
+    return offs.astype(np.int64) + start, length, bad
+
+
+# Above this width a __data_loc column is gathered per distinct length instead of at once.
+_DYN_ONE_GATHER = 64
+
+
+def _dyn_bytes(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.ndarray,
+               offs: np.ndarray, lens: np.ndarray, short: np.ndarray,
+               keep_going: bool) -> np.ndarray:
+    """__data_loc strings as one fixed-width bytes column (``S<longest>``), NUL-cut.
+
+    Bad rows (keep-going) are empty. No Python step per event and no ``str``.
+    """
+    n = offs.shape[0]
+    absolute, length, bad = _dyn_locations(fmt, f, rows, offs, lens, short, keep_going)
+    if bad.any():
+        length = np.where(bad, 0, length)
+        absolute = np.where(bad, 0, absolute)
+    width = int(length.max()) if n else 0
+    if width == 0:
+        return np.zeros(n, "S1")
+    width = (width + 7) & ~7
+    block = np.zeros((n, width), np.uint8)
+    if width <= _DYN_ONE_GATHER:
+        # One gather of the widest string for every row, then the bytes past each
+        # row's own length are cleared (a window past the buffer end is read per byte).
+        fits = absolute + width <= raw.shape[0]
+        if fits.all():
+            block[:] = np.lib.stride_tricks.sliding_window_view(raw, width)[absolute]
+        else:
+            idx = np.minimum(absolute[:, None] + np.arange(width)[None, :], raw.shape[0] - 1)
+            block[:] = raw[idx]
+        return cut_at_nul(block, length)
+    else:
+        for L in np.unique(length).tolist():
+            if L == 0:
+                continue
+            idx = np.nonzero(length == L)[0]
+            block[idx, :L] = np.lib.stride_tricks.sliding_window_view(raw, L)[absolute[idx]]
+    return cut_at_nul(block)
+
+
+_ONES = np.uint64(0x0101010101010101)
+_HIGHS = np.uint64(0x8080808080808080)
+
+
+# _BYTE_MASKS[k]: the low k bytes of a word set.
+_BYTE_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)
+
+
+def cut_at_nul(block: np.ndarray, lengths: Optional[np.ndarray] = None) -> np.ndarray:
+    """``char[N]`` rows (an n x N uint8 array) -> ``S<N>`` values ending at the first NUL.
+
+    Works on 8-byte words: ``(x - 0x01..) & ~x & 0x80..`` flags zero bytes, and its
+    lowest flag is exactly the first NUL, so each word needs a few integer operations
+    instead of a pass per byte. ``lengths`` also clears each row past its own length.
+    """
+    n, width = block.shape
+    padded = (width + 7) & ~7
+    if padded != width or not block.flags.c_contiguous:
+        words = np.zeros((n, padded), np.uint8)
+        words[:, :width] = block
+    else:
+        words = block.copy()
+    w = words.view(np.uint64)               # (n, padded // 8), native order
+    big = np.little_endian is False
+    dead: Optional[np.ndarray] = None
+    one, seven = np.uint64(1), np.uint64(7)
+    for j in range(w.shape[1]):
+        x = w[:, j]
+        if big:
+            x = x.byteswap()
+        t = (x - _ONES) & ~x & _HIGHS
+        keep = ((t & (~t + one)) >> seven) - one   # bytes before the first NUL
+        if lengths is not None:
+            keep &= _BYTE_MASKS[np.clip(lengths - 8 * j, 0, 8)]
+        if dead is not None:
+            keep[dead] = 0
+        x &= keep
+        w[:, j] = x.byteswap() if big else x
+        if j + 1 < w.shape[1]:
+            dead = (t != 0) if dead is None else (dead | (t != 0))
+    return words.view(f"S{padded}").reshape(n).astype(f"S{width}") if padded != width \
+        else words.view(f"S{width}").reshape(n)
+
+
+def text_column(col: np.ndarray) -> np.ndarray:
+    """A bytes column (``strings="bytes"``) as ``str`` objects, decoding distinct values once."""
+    if col.dtype == object:
+        return col
+    uniq, inv = np.unique(col, return_inverse=True)
+    texts = np.array([_text(u) for u in uniq.tolist()] or [""], dtype=object)
+    return texts[inv.reshape(-1)] if col.shape[0] else np.empty(0, dtype=object)
 
 
 def _strings_column(block: np.ndarray) -> np.ndarray:
