@@ -158,3 +158,26 @@ def test_chunks_hold_the_same_bytes_as_pages(real_trace, v6_trace, tmp_path):
                                                tr.cpus())))
     assert {c: [x.tolist() for x in v] for c, v in one.items()} == \
            {c: [x.tolist() for x in v] for c, v in two.items()}
+
+
+def test_short_cmdlines_section_is_read_like_trace_cmd(tmp_path):
+    """A v7 cmdlines section declaring more bytes than it holds (trace-cmd's own race)."""
+    import struct
+
+    from vmtrace.format.tracedat_write import write_tracedat
+    from vmtrace.sources import open_source, source_metadata
+
+    src_path = Path(__file__).parent / "data" / "tracedat_small_v7.dat"
+    with open_source(src_path) as src:
+        md = source_metadata(src)
+    cmdlines = md["saved_cmdlines"]
+    out = tmp_path / "short.dat"
+    write_tracedat(str(out), md, {}, version=7, compression=None)
+    data = bytearray(out.read_bytes())
+    # the cmdlines section: u64 size, then the text; claim 6 bytes more than stored
+    at = data.find(struct.pack("<Q", len(cmdlines)) + cmdlines[:32])
+    assert at > 0
+    data[at:at + 8] = struct.pack("<Q", len(cmdlines) + 6)
+    out.write_bytes(bytes(data))
+    with open_source(out) as src:
+        assert src.cmdlines == cmdlines

@@ -110,6 +110,16 @@ class _Cursor:
         n = self.u32(what + " size") if size_bytes == 4 else self.u64(what + " size")
         return self.take(n, what)
 
+    def sized_upto(self, size_bytes: int, what: str) -> bytes:
+        """Like sized(), but a section that ends early gives what it has.
+
+        trace-cmd sizes saved_cmdlines before reading it, and the kernel's file can
+        shrink in between, so real v7 files declare a few bytes more than they hold.
+        Only for the last item of a self-delimiting v7 section, where nothing follows.
+        """
+        n = self.u32(what + " size") if size_bytes == 4 else self.u64(what + " size")
+        return self.take(min(n, self.remaining()), what)
+
     def count(self, what: str, min_item: int) -> int:
         n = self.u32(what)
         if n * min_item > self.remaining():
@@ -409,7 +419,7 @@ class TraceDat(TraceSource):
             OPT_EVENT_FORMATS: ("events format", _parse_events),
             OPT_KALLSYMS: ("kallsyms", lambda c: c.sized(4, "kallsyms")),
             OPT_PRINTK: ("printk", lambda c: c.sized(4, "printk formats")),
-            OPT_CMDLINES: ("command lines", lambda c: c.sized(8, "saved cmdlines")),
+            OPT_CMDLINES: ("command lines", lambda c: c.sized_upto(8, "saved cmdlines")),
         }
         results = {}
         for oid, off in sections.items():
