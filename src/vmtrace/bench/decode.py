@@ -210,24 +210,57 @@ print(st["events"], time.perf_counter() - t, resource.getrusage(resource.RUSAGE_
 """
 
 
+RSS_KINDS = ("rawdir", "v6", "v7", "v7-zstd")
+
+
 def streaming_rss(trace_path: str, target_bytes: int = 1 << 30, *, progress: Progress = None,
-                  workdir: Optional[str] = None) -> Dict[str, Any]:
-    """Peak RSS (MB) of a fresh process decoding a ~``target_bytes`` raw directory."""
+                  workdir: Optional[str] = None, kind: str = "rawdir") -> Dict[str, Any]:
+    """Peak RSS (MB) of a fresh process decoding a ~``target_bytes`` trace.
+
+    ``kind`` is the container: the raw directory itself, or a trace.dat written from it
+    (v6, v7 uncompressed, v7 zstd; ``bytes`` is then the uncompressed page data).
+    """
+    if kind not in RSS_KINDS:
+        raise VmtraceError(f"bench decode: unknown container {kind!r} ({', '.join(RSS_KINDS)})")
     tmp = tempfile.mkdtemp(prefix="vmtrace-bench-rss-", dir=workdir)
     try:
         _say(progress, f"writing a {target_bytes >> 20} MB raw directory")
-        info = make_big_rawdir(trace_path, os.path.join(tmp, "raw"), target_bytes)
+        raw = os.path.join(tmp, "raw")
+        info = make_big_rawdir(trace_path, raw, target_bytes)
+        target = raw
+        if kind != "rawdir":
+            from vmtrace.format.tracedat_write import write_tracedat
+            from vmtrace.rawdir import read_rawdir
+            _say(progress, f"writing it as a {kind} trace.dat")
+            md = {}
+            base = Path(raw) / "metadata"
+            for f in base.rglob("*"):
+                if f.is_file():
+                    md[f.relative_to(base).as_posix()] = f.read_bytes()
+            with read_rawdir(raw) as src:
+                cpus = {c.cpu: os.path.join(raw, f"cpu{c.cpu}") for c in src.buffers[0].cpus}
+            target = os.path.join(tmp, "trace.dat")
+            write_tracedat(target, md, cpus, version=6 if kind == "v6" else 7,
+                           compression="zstd" if kind == "v7-zstd" else None)
+            shutil.rmtree(raw)
         _say(progress, "decoding it in a fresh process")
         # The child reports its own peak (ru_maxrss, KB on Linux): nothing else counts.
-        proc = subprocess.run([sys.executable, "-c", _CHILD, os.path.join(tmp, "raw")],
+        proc = subprocess.run([sys.executable, "-c", _CHILD, target],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=3600)
         if proc.returncode != 0:
             raise VmtraceError("bench decode: streaming decode failed: "
                                + (proc.stderr.decode(errors="replace").strip().splitlines()
                                   or ["?"])[-1])
         events, seconds, maxrss = proc.stdout.split()
-        return {"bytes": info["bytes"], "events": int(events), "seconds": float(seconds),
+        return {"kind": kind, "bytes": info["bytes"], "file_bytes": _size(target),
+                "events": int(events), "seconds": float(seconds),
                 "events_per_s": int(events) / max(float(seconds), 1e-9),
                 "peak_rss_mb": int(maxrss) / 1024.0}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return os.path.getsize(path)
