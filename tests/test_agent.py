@@ -333,6 +333,138 @@ def test_socket_ports_framed_protocol_configure_restore_and_bye(inst, tmp_path):
     assert print_lines >= 501  # markers plus the probe's marker
 
 
+class _Readers:
+    """Accepted data connections, each read into a buffer by a thread until EOF."""
+
+    def __init__(self, listeners: Dict[int, socket.socket]):
+        self.conns = {c: l.accept()[0] for c, l in listeners.items()}
+        self.bufs = {c: bytearray() for c in self.conns}
+        self.threads = [threading.Thread(target=self._read, args=(c,), daemon=True) for c in self.conns]
+        for t in self.threads:
+            t.start()
+
+    def _read(self, c: int) -> None:
+        conn = self.conns[c]
+        conn.settimeout(None)
+        while True:
+            try:
+                d = conn.recv(1 << 16)
+            except OSError:
+                return
+            if not d:
+                return
+            self.bufs[c] += d
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+
+def test_socket_host_goes_away_mid_recording_and_a_new_host_records_again(inst, tmp_path):
+    """A recorder killed while tracing: the agent stops, keeps running, reconnects; the
+    next host gets hello (not running), may configure again, and receives whole pages."""
+    cpus = inst.cpus()
+    paths = {c: tmp_path / ("trace-path-cpu%d" % c) for c in cpus}
+    ctl_path = tmp_path / "agent-ctl-path"
+
+    def listen_all():
+        for path in list(paths.values()) + [ctl_path]:
+            if path.exists():
+                path.unlink()  # what a new recorder does: rebind over the stale inode
+        return {c: _listen(paths[c]) for c in cpus}, _listen(ctl_path)
+
+    data_l, ctl_l = listen_all()
+    p = agent("--instance", inst.instance, "--ports", str(tmp_path), "--flush-interval", "0.2",
+              "--exit-grace", "1")
+    try:
+        host = Host(ctl_l.accept()[0])
+        first = _Readers(data_l)
+        assert host.ask("hello").get("running") is False
+        assert host.ask("configure", events=["sched:sched_switch"], buffer_percent=50).name == "ok"
+        assert host.ask("start").name == "ok"
+        markers(inst, 300)
+        time.sleep(0.5)
+        # the host vanishes without stop or bye (recorder killed)
+        host.conn.close()
+        first.close()
+        ctl_l.close()
+        for l in data_l.values():
+            l.close()
+        time.sleep(1.0)
+        assert p.poll() is None, "the agent exited when the host went away"
+        assert inst.read("tracing_on").strip() == "0"  # stopped, settings kept (not restored)
+        assert inst.enabled_events() == ["sched:sched_switch"]
+
+        data_l, ctl_l = listen_all()
+        host = Host(ctl_l.accept()[0])
+        second = _Readers(data_l)
+        hello = host.ask("hello")
+        assert hello.name == "hello" and hello.get("running") is False
+        assert host.ask("configure", events=["sched:sched_switch", "sched:sched_wakeup"]).name == "ok"
+        assert host.ask("start").name == "ok"
+        markers(inst, 300)
+        time.sleep(0.5)
+        stop = host.ask("stop")
+        assert stop.name == "ok"
+        assert host.ask("bye").name == "bye"
+        err = finish(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "the host went away" in err and "a host connected again" in err
+    for t in second.threads:
+        t.join(10)
+    got = {c: walk(bytes(second.bufs[c])) for c in cpus}  # whole, well-formed pages only
+    assert sum(r["events"] for r in got.values()) >= 300
+    assert sum(len(b) for b in first.bufs.values()) > 0
+
+
+def test_ports_dir_made_by_prepare_is_used_as_is(inst, tmp_path):
+    """--ports on a `vmtrace prepare` FIFO directory: orders from agent-ctl-path.in, pages to
+    trace-path-cpuN.out, replies to agent-ctl-path.out, as QEMU's pipe chardev names them."""
+    from vmtrace.host.control import AgentLink
+    from vmtrace.host.layout import prepare
+
+    cpus = inst.cpus()
+    lay = prepare("pp", max(cpus) + 1, str(tmp_path))
+    outs = {c: os.open(lay.cpu(c) + ".out", os.O_RDONLY | os.O_NONBLOCK) for c in cpus}
+    link = AgentLink.fifo("pp", lay.ctl)
+    p = agent("--instance", inst.instance, "--ports", lay.path, "--flush-interval", "0.2")
+    try:
+        hello = link.call("hello", 20.0)
+        assert hello is not None and hello.name == "hello" and hello.get("cpus") == cpus
+        assert link.call("start", 10.0).name == "ok"
+        markers(inst, 200)
+        time.sleep(0.6)
+        assert link.call("stop", 10.0).name == "ok"
+        got = bytearray()
+        for c in cpus:
+            while True:
+                try:
+                    d = os.read(outs[c], 1 << 16)
+                except BlockingIOError:
+                    break
+                if not d:
+                    break
+                got += d
+        assert link.call("bye", 10.0).name == "bye"
+        finish(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        link.close()
+        for fd in outs.values():
+            os.close(fd)
+    assert walk(bytes(got))["events"] >= 200
+    assert not any(os.path.islink(os.path.join(lay.path, n)) for n in os.listdir(lay.path))
+
+
 def test_a_host_that_stops_reading_does_not_hang_the_agent(inst, tmp_path):
     cpus = inst.cpus()
     listeners = {c: _listen(tmp_path / ("trace-path-cpu%d" % c)) for c in cpus}

@@ -28,14 +28,17 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _start_agent(lay: GuestLayout, tmp: Path, extra=()) -> subprocess.Popen:
-    view = lay.agent_view(str(tmp / ("view-%s" % lay.name))) if lay.transport == "fifo" else lay.path
     inst = "vmtrace-host-rec-%d-%d" % (os.getpid(), next(_n))
-    return subprocess.Popen([sys.executable, "-m", "vmtrace.agent", "--ports", view, "--instance", inst,
-                             "--no-kallsyms", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-m", "vmtrace.agent", "--ports", lay.path, "--instance", inst,
+                          "--no-kallsyms", *extra],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p.instance = inst  # type: ignore[attr-defined]
+    return p
 
 
-def _finish(p: subprocess.Popen) -> str:
+def _finish(p: subprocess.Popen, sig=None) -> str:
+    if sig is not None and p.poll() is None:
+        p.send_signal(sig)
     try:
         _, err = p.communicate(timeout=20)
     except subprocess.TimeoutExpired:
@@ -111,16 +114,26 @@ def test_two_guests_one_vanishes_v6(tmp_path):
     agents = [_start_agent(lay, tmp_path) for lay in layouts]
 
     def kill_later():
-        time.sleep(1.0)
+        # once a1 is recording (pages in its spool), not at a fixed time: on a loaded
+        # machine negotiating with a0 first can take longer than any fixed delay
+        spool = tmp_path / "out" / "a1.raw"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                f.stat().st_size for f in spool.glob("cpu*") if f.exists()):
+            time.sleep(0.05)
+        time.sleep(0.3)
         agents[1].send_signal(signal.SIGKILL)
 
     threading.Thread(target=kill_later, daemon=True).start()
     wl = _workload(2.0)
-    doc = record([lay.path for lay in layouts], outdir=str(tmp_path / "out"), duration=2.0,
+    doc = record([lay.path for lay in layouts], outdir=str(tmp_path / "out"), duration=4.0,
                  events=["sched"], file_version=6, kallsyms=False)
     wl.join()
     _finish(agents[0])
     _finish(agents[1])
+    from vmtrace.tracefs import Tracefs
+
+    Tracefs(instance=agents[1].instance).remove()  # SIGKILL left it behind, by design of the test
     a0, a1 = doc["guests"]["a0"], doc["guests"]["a1"]
     assert a0["state"] == "stopped" and a0["problems"] == []
     assert a1["state"] == "gone" and any("went away" in p for p in a1["problems"])
@@ -314,7 +327,12 @@ def test_socket_transport_and_host_events(tmp_path):
                  host_events=["sched:sched_switch"], kallsyms=False)
     wl.join()
     t.join()
-    _finish(agent)
+    # over sockets the recorder leaves the agent running for the next recording
+    time.sleep(0.3)
+    assert agent.poll() is None
+    err = _finish(agent, signal.SIGINT)
+    assert agent.returncode == 0, err
+    assert "the host went away" in err, err
     g = doc["guests"]["s1"]
     assert g["problems"] == [] and g["file"] == "s1.dat"
     for cpu, hs in g["stats"]["host"].items():
@@ -322,7 +340,8 @@ def test_socket_transport_and_host_events(tmp_path):
     assert doc["host"]["clock"] == "mono" and doc["host"]["file"] == "host.dat"
     assert _report_count(tmp_path / "out" / "host.dat") > 0
     assert _report_count(tmp_path / "out" / "s1.dat") > 0
-    assert not any(n.startswith("vmtrace-record-") for n in os.listdir("/sys/kernel/tracing/instances"))
+    assert "vmtrace-record-%d" % os.getpid() not in os.listdir("/sys/kernel/tracing/instances")
+    assert agent.instance not in os.listdir("/sys/kernel/tracing/instances")
 
 
 @pytest.mark.tracefs

@@ -120,6 +120,11 @@ class Controller:
             protocol.BYE: self._bye,
         }
 
+    def reset(self) -> None:
+        """The host went away: forget its half-sent frame and whether it spoke frames."""
+        self.decoder = protocol.Decoder(allow_orders=True, source="control port")
+        self.framed = False
+
     def on_readable(self) -> None:
         data = self.channel.read()
         # Read the guest clock right at receipt: a time probe is answered with this

@@ -72,6 +72,17 @@ class Agent:
                 self.created_instance = True
         else:
             self.tf = Tracefs(root)
+        try:
+            self._init_rest(opts)
+        except BaseException:
+            if self.created_instance:
+                try:
+                    self.tf.remove()
+                except VmtraceError:
+                    pass
+            raise
+
+    def _init_rest(self, opts: Options) -> None:
         self.online = online_cpus()
         self.cpus = self.tf.cpus()
         have = set()
@@ -100,6 +111,7 @@ class Agent:
         self._lock = threading.RLock()
         self._frozen: Optional[Dict[str, Dict[str, Any]]] = None
         self._carry: Dict[str, Dict[str, Any]] = {}
+        self.host_attached = False  # a host has written to the control port since it last went away
 
     # -- setup ---------------------------------------------------------------------------
     def _sinks(self, should_stop: Any) -> Dict[int, Sink]:
@@ -120,11 +132,16 @@ class Agent:
             if name not in found:
                 where = self.opts.ports_dir or "%s or %s/*/name" % (ports.DEV_DIR, ports.SYS_DIR)
                 raise VmtraceError("no port %s for online CPU %d (looked in %s)" % (name, cpu, where))
-        for cpu, name in zip(self.cpus, names):
-            fd = ports.open_port(found[name], True, should_stop)
-            if fd is None:
-                raise VmtraceError("interrupted while waiting for port %s" % found[name].path)
-            sinks[cpu] = FdSink(fd, found[name].path)
+        try:
+            for cpu, name in zip(self.cpus, names):
+                fd = ports.open_port(found[name], True, should_stop)
+                if fd is None:
+                    raise VmtraceError("interrupted while waiting for port %s" % found[name].path)
+                sinks[cpu] = FdSink(fd, found[name].path)
+        except BaseException:
+            for sink in sinks.values():
+                sink.close()
+            raise
         return sinks
 
     def _control(self, should_stop: Any) -> Optional[ControlChannel]:
@@ -142,8 +159,7 @@ class Agent:
         fd = ports.open_port(spec, False, should_stop)
         if fd is None:
             raise VmtraceError("interrupted while waiting for port %s" % spec.path)
-        reply = spec.path + ".out" if spec.kind == "fifo" else None
-        return ControlChannel(fd, spec.kind, reply)
+        return ControlChannel(fd, spec.kind, ports.reply_path(spec))
 
     def setup(self, should_stop: Any) -> None:
         if self.offline:
@@ -196,8 +212,9 @@ class Agent:
             if mark:
                 self._marker(mark)
 
-    def stop(self, mark: Optional[str] = None) -> None:
-        """Stop; ``mark`` is written to trace_marker first, while tracing is still on."""
+    def stop(self, mark: Optional[str] = None, grace: Optional[float] = None) -> None:
+        """Stop; ``mark`` is written to trace_marker first, while tracing is still on.
+        ``grace``: how long the pumps wait for the sink to take the rest (default --exit-grace)."""
         with self._lock:
             if not self.running:
                 return
@@ -205,7 +222,7 @@ class Agent:
                 self._marker(mark)
             if self.configured:
                 self.tf.tracing_on = False
-            events = [p.request(IDLE) for p in self.pumps.values()]
+            events = [p.request(IDLE, grace) for p in self.pumps.values()]
             for ev in events:
                 ev.wait(self.opts.exit_grace + 30)
             self.running = False
@@ -451,12 +468,17 @@ class Agent:
                 elif ch is not None and fd == ch.fd and self.controller is not None:
                     if ev & select.POLLIN:
                         self.controller.on_readable()
+                        if not ch.eof:
+                            self.host_attached = True
                     elif ev & (select.POLLHUP | select.POLLERR):
                         ch.eof = True
-                    if ch.eof:
+                    if ch.eof and self.exit_reason is None:
+                        # The host went away (recorder stopped or killed, QEMU's socket
+                        # chardev disconnected). The guest runs on, so do we: stop
+                        # pumping, keep tracefs as it is, and wait for the next host.
+                        self._host_gone(ch)
                         if ch.kind == "socket":
-                            print("vmtrace-agent: the host closed the control socket", file=sys.stderr)
-                            self.request_exit("control closed")
+                            self._reconnect()
                         else:
                             # a virtio port without a host attached reports HUP: listen again later
                             ch.eof = False
@@ -464,6 +486,48 @@ class Agent:
             if time.monotonic() >= next_place:
                 self.placement.reevaluate(self._tids(), self.main_tid)
                 next_place = time.monotonic() + PLACEMENT_PERIOD
+
+    def _host_gone(self, ch: ControlChannel) -> None:
+        if self.host_attached or self.running:
+            print("vmtrace-agent: the host went away (%s closed); %swaiting for it to come back"
+                  % (ch.kind, "tracing stopped, " if self.running else ""), file=sys.stderr)
+        self.host_attached = False
+        if self.controller is not None:
+            self.controller.reset()  # a half-received frame of the old host is void
+        if self.running:
+            # nobody will take what the pumps hold: drop it now (counted), do not wait
+            self.stop(grace=0.0)
+
+    def _reconnect(self) -> None:
+        """Unix-socket ports (--ports): connect again, control first, once a host listens."""
+        stop = lambda: self.exit_reason is not None  # noqa: E731 - SIGINT/SIGTERM end the wait
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = None
+        self.controller = None
+        noted = False
+        while not stop():
+            try:
+                channel = self._control(stop)
+            except VmtraceError as exc:
+                # the port may be missing for a moment while a new recorder rebinds it
+                if not noted and not stop():
+                    print("vmtrace-agent: waiting for the host: %s" % exc, file=sys.stderr)
+                    noted = True
+                time.sleep(0.1)
+                continue
+            try:
+                sinks = self._sinks(stop)
+            except VmtraceError:
+                channel.close()
+                time.sleep(0.1)
+                continue
+            for cpu, pump in self.pumps.items():
+                pump.replace_sink(sinks[cpu])
+            self.channel = channel
+            self.controller = Controller(self, channel)
+            print("vmtrace-agent: a host connected again", file=sys.stderr)
+            return
 
     def _shutdown(self) -> None:
         try:
@@ -489,10 +553,19 @@ class Agent:
         if self.channel is not None:
             self.channel.close()
         if self.created_instance:
-            try:
-                self.tf.remove()
-            except VmtraceError as exc:
-                errors.append(str(exc))
+            # rmdir answers EBUSY while anything still holds the instance's buffers open
+            # (a reader of trace_pipe outside us, a pump thread still closing): retry a
+            # little before leaving it behind, and then say so.
+            deadline = time.monotonic() + 3.0
+            while True:
+                try:
+                    self.tf.remove()
+                    break
+                except VmtraceError as exc:
+                    if time.monotonic() >= deadline:
+                        errors.append("%s (left behind)" % exc)
+                        break
+                    time.sleep(0.1)
         for e in errors:
             print("vmtrace-agent: %s" % e, file=sys.stderr)
         if self.pumps:

@@ -4,7 +4,9 @@ Guests built from a busybox initramfs have no udev, so ``/dev/virtio-ports/NAME`
 links never appear; the kernel still publishes each port's name in
 ``/sys/class/virtio-ports/vportNpM/name`` and the device as ``/dev/vportNpM``. We try
 the link first and fall back to sysfs. ``--ports DIR`` swaps the transport for a
-directory of FIFOs or unix sockets with the same names, for tests and other transports.
+directory of FIFOs or unix sockets with the same names, for tests and other transports;
+a directory made by ``vmtrace prepare`` works as it is (FIFOs named ``NAME.in`` for
+host -> guest and ``NAME.out`` for guest -> host, as QEMU's pipe chardev names them).
 
 Opening never blocks forever: a FIFO without a reader or a socket without a listener is
 retried until the caller says stop, so SIGINT during setup still ends the agent.
@@ -73,7 +75,15 @@ def locate(
             try:
                 mode = os.stat(path).st_mode
             except OSError:
-                continue
+                # A directory made by `vmtrace prepare` for QEMU's pipe chardev: the
+                # guest reads orders from NAME.in and writes pages to NAME.out.
+                path += ".in" if name == CTL_PORT else ".out"
+                try:
+                    mode = os.stat(path).st_mode
+                except OSError:
+                    continue
+                if not stat.S_ISFIFO(mode):
+                    continue
             if stat.S_ISFIFO(mode):
                 out[name] = PortSpec(name, path, "fifo")
             elif stat.S_ISSOCK(mode):
@@ -94,6 +104,14 @@ def locate(
         if name in sysfs and os.path.exists(sysfs[name]):
             out[name] = PortSpec(name, sysfs[name], "virtio")
     return out
+
+
+def reply_path(spec: PortSpec) -> Optional[str]:
+    """Where a FIFO control port's replies go: ``agent-ctl-path.out`` beside it."""
+    if spec.kind != "fifo":
+        return None
+    base = spec.path[:-3] if spec.path.endswith(".in") else spec.path
+    return base + ".out"
 
 
 def _connect(path: str) -> Optional[int]:

@@ -106,6 +106,7 @@ class Pump(threading.Thread):
         self.started_evt = threading.Event()
         self._lock = threading.Lock()
         self._want = IDLE
+        self._grace: Optional[float] = None
         self._waiters: List[threading.Event] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._trace_fd = os.open(trace_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -115,11 +116,16 @@ class Pump(threading.Thread):
         self._devnull: Optional[int] = None
 
     # -- called from other threads ------------------------------------------------------
-    def request(self, want: str) -> threading.Event:
-        """Ask for a state; the event is set once the pump is there (flushed, for idle)."""
+    def request(self, want: str, grace: Optional[float] = None) -> threading.Event:
+        """Ask for a state; the event is set once the pump is there (flushed, for idle).
+
+        ``grace``: for idle, how long to wait for the sink to take the rest (default
+        ``exit_grace``; 0 when the host is known to be gone).
+        """
         ev = threading.Event()
         with self._lock:
             self._want = want
+            self._grace = grace
             self._waiters.append(ev)
         try:
             os.write(self._wake_w, b"x")
@@ -145,10 +151,11 @@ class Pump(threading.Thread):
             while True:
                 with self._lock:
                     want, waiters, self._waiters = self._want, self._waiters, []
+                    grace = self.exit_grace if self._grace is None else self._grace
                 if want == RUN and not running:
                     running, last_move = True, time.monotonic()
                 elif want != RUN and running:
-                    self._final_flush()
+                    self._final_flush(grace)
                     running = False
                 for ev in waiters:
                     ev.set()
@@ -252,20 +259,30 @@ class Pump(threading.Thread):
         self.stats.partial_pages += 1
         return True
 
-    def _final_flush(self) -> None:
+    def replace_sink(self, sink: Sink) -> None:
+        """A new host connected (sockets): send to ``sink`` from now on. Only while idle,
+        when our pipe is empty (the stop flushed or dropped it)."""
+        with self._lock:
+            old, self.sink = self.sink, sink
+            self._broken = False
+        if old is not sink:
+            old.close()
+
+    def _final_flush(self, grace: Optional[float] = None) -> None:
         """On stop: every full page, then the partial ones, then wait for the sink."""
+        grace = self.exit_grace if grace is None else grace
         budget = 4096  # bounded: a writer on that CPU may keep producing while we flush
         while budget > 0:
             budget -= 1
             self._move()
             if not self._read_partial():
                 if self._room() < self.page and self._pending and not self._broken:
-                    if not self._wait_sink(self.exit_grace):
+                    if not self._wait_sink(grace):
                         break
                     continue
                 break
         self._move()
-        deadline = time.monotonic() + self.exit_grace
+        deadline = time.monotonic() + grace
         while self._pending and not self._broken:
             if self._send():
                 continue
@@ -273,14 +290,14 @@ class Pump(threading.Thread):
             if left <= 0 or not self._wait_sink(left):
                 break
         if self._pending:
-            self._discard()
+            self._discard(grace)
 
     def _wait_sink(self, timeout: float) -> bool:
         if self.sink.fd is None:
             return True
         return bool(_poll([(self.sink.fd, select.POLLOUT)], timeout))
 
-    def _discard(self) -> None:
+    def _discard(self, grace: Optional[float] = None) -> None:
         """Drop what is in our pipe, counting whole pages (the sink will not take them)."""
         if not self._pending:
             return
@@ -300,7 +317,7 @@ class Pump(threading.Thread):
         self.stats.pages_dropped += pages
         if not self._broken:
             print("vmtrace-agent: cpu%d: %s did not take %d pages within %.1fs; dropped them"
-                  % (self.cpu, self.sink.name, pages, self.exit_grace), file=sys.stderr)
+                  % (self.cpu, self.sink.name, pages, self.exit_grace if grace is None else grace), file=sys.stderr)
 
     def _close(self) -> None:
         for fd in (self._trace_fd, self._r, self._w, self._wake_r, self._wake_w, self._devnull):

@@ -190,26 +190,6 @@ class GuestLayout:
                 )
         return "\n".join(out) + "\n"
 
-    def agent_view(self, view_dir: str) -> str:
-        """A directory of symlinks naming the ports the way ``vmtrace agent --ports`` does.
-
-        The agent, standing in for a guest on this machine, opens ``trace-path-cpuN``
-        and ``agent-ctl-path`` (replies to ``agent-ctl-path.out``); QEMU's pipe chardev
-        names the same FIFOs ``.out`` and ``.in``. This view wires them together so
-        the real agent can play the guest in tests and for ``--host-events``.
-        """
-        if self.transport != "fifo":
-            return self.path
-        os.makedirs(view_dir, mode=0o700, exist_ok=True)
-        links = {CTL: CTL + ".in", CTL + ".out": CTL + ".out"}
-        links.update({CPU % n: CPU % n + ".out" for n in range(self.cpus)})
-        for name, target in links.items():
-            link = os.path.join(view_dir, name)
-            if os.path.lexists(link):
-                os.unlink(link)
-            os.symlink(os.path.join(self.path, target), link)
-        return view_dir
-
     # -- discovery (used by record) ----------------------------------------------------
     @classmethod
     def open(cls, guest: str, base: Optional[str] = None) -> "GuestLayout":

@@ -166,10 +166,9 @@ class Session:
         cpus = Tracefs().cpus()
         tmp = tempfile.mkdtemp(prefix="vmtrace-host-")
         lay = prepare(HOST_NAME, max(cpus) + 1, tmp, "fifo", str(os.getegid()))
-        view = lay.agent_view(os.path.join(tmp, "view"))
         g = Guest(HOST_NAME, lay, os.path.join(self.outdir, HOST_NAME + ".raw"), tmp=tmp)
         g.process = subprocess.Popen(
-            [sys.executable, "-m", "vmtrace.agent", "--ports", view, "--instance", "vmtrace-record-%d" % os.getpid()]
+            [sys.executable, "-m", "vmtrace.agent", "--ports", lay.path, "--instance", "vmtrace-record-%d" % os.getpid()]
             + ([] if self.opts.kallsyms else ["--no-kallsyms"]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.guests[HOST_NAME] = g
@@ -413,6 +412,11 @@ class Session:
         self.stopped_ns = time.monotonic_ns()
         for g in live:
             g.state = "stopped"
+            # Sockets: the guest runs on and so does its agent; closing the control
+            # socket tells it we left, and the next `vmtrace record` finds it again.
+            # Without bye its tracefs settings stay as configured until it exits.
+            if g.layout.transport == "socket" and g.process is None:
+                continue
             if g.framed and g.link is not None and not g.link.eof:
                 t0 = time.monotonic_ns()
                 rep = g.link.call("bye", 10.0)
