@@ -8,12 +8,25 @@ each collector with the native run of the same repetition.
 
 All tracing happens in a private tracefs instance with a fixed 4096 KB per-CPU buffer,
 cleared before each run; the instance is removed at the end even on Ctrl-C.
+
+Fairness on few CPUs: on the development machine (a 2-vCPU microVM) pingpong pinned to
+CPU0 scored about 30 % more whenever CPU1 was busy than when CPU1 sat idle (halted), so
+any collector whose threads run on CPU1 looked *faster* than native. Holding
+``/dev/cpu_dma_latency`` at 0 (guest idle = polling) did not remove the effect there, a
+busy CPU1 did. So by default every non-workload CPU runs an :class:`IdleSpinner` for
+the whole benchmark, in every configuration including off and native: a busy loop at
+``SCHED_IDLE``, which any normal thread (a collector's) preempts at once and which the
+scheduler's wake-up placement counts as an idle CPU. Its CPU time per run is recorded:
+what it lost in a run is roughly what the collector used on those CPUs.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,6 +54,7 @@ class Config:
     quick: bool = False
     events: Sequence[str] = EVENTS
     buffer_kb: int = BUFFER_KB
+    spinner: bool = True         # keep the non-workload CPUs busy at SCHED_IDLE (see module doc)
 
     @classmethod
     def quick_config(cls) -> "Config":
@@ -49,6 +63,100 @@ class Config:
 
 
 Progress = Callable[[str], None]
+
+_PR_SET_PDEATHSIG = 1
+_SPIN = "while True: pass"
+
+
+def _spinner_preexec(cpu: int) -> Callable[[], None]:
+    def setup() -> None:  # in the child, between fork and exec
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except Exception:
+            pass
+        os.sched_setaffinity(0, {cpu})
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    return setup
+
+
+def _proc_cpu_seconds(pid: int) -> Optional[float]:
+    """utime+stime of a live process from /proc/PID/stat."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_pressure_total() -> Optional[int]:
+    """Microseconds some task waited for a CPU (PSI ``/proc/pressure/cpu``), or None."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class IdleSpinner:
+    """One busy loop per given CPU at SCHED_IDLE priority, for as long as it is started.
+
+    Keeps those CPUs out of idle (halt) in every configuration alike, without taking
+    time from any normal thread. Dies with us (PR_SET_PDEATHSIG) if we are killed.
+    """
+
+    policy = "SCHED_IDLE"
+
+    def __init__(self, cpus: Sequence[int]):
+        self.cpus = list(cpus)
+        self.procs: Dict[int, subprocess.Popen] = {}
+        self._pids_seen: List[int] = []
+
+    def start(self) -> "IdleSpinner":
+        try:
+            for cpu in self.cpus:
+                self.procs[cpu] = subprocess.Popen(
+                    [sys.executable, "-S", "-c", _SPIN], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_spinner_preexec(cpu))
+                self._pids_seen.append(self.procs[cpu].pid)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.stop()
+            raise VmtraceError("cannot start the idle spinner: %s" % exc)
+        return self
+
+    @property
+    def pids(self) -> List[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def running(self) -> bool:
+        return bool(self.procs) and all(p.poll() is None for p in self.procs.values())
+
+    def cpu_seconds(self) -> Optional[float]:
+        """CPU seconds the spinners have had so far (None when not running)."""
+        if not self.running():
+            return None
+        vals = [_proc_cpu_seconds(p.pid) for p in self.procs.values()]
+        return None if any(v is None for v in vals) else sum(vals)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs = {}
+
+    def __enter__(self) -> "IdleSpinner":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def describe(self) -> dict:
+        return {"enabled": True, "cpus": self.cpus, "policy": self.policy, "pids": self._pids_seen,
+                "what": "busy loop per non-workload CPU at SCHED_IDLE for the whole run, in every configuration"}
 
 
 def run_workload(exe: Path, seconds: float, cpu: int) -> float:
@@ -83,7 +191,8 @@ def ring_lost(before: Dict[int, CpuStats], after: Dict[int, CpuStats]) -> int:
 
 
 def run_once(collector: coll.Collector, tf: Tracefs, workload: Path, cfg: Config,
-             cpus: List[int], reader_cpus: List[int], peer_bins: Dict[str, Path], scratch: Path) -> dict:
+             cpus: List[int], reader_cpus: List[int], peer_bins: Dict[str, Path], scratch: Path,
+             spinner: Optional[IdleSpinner] = None) -> dict:
     """One measured run: configure, start the collector, run the workload, stop, count."""
     outdir = Path(tempfile.mkdtemp(prefix=collector.name + "-", dir=scratch))
     tf.tracing_on = False
@@ -100,7 +209,13 @@ def run_once(collector: coll.Collector, tf: Tracefs, workload: Path, cfg: Config
         collector.start(coll.RunContext(tf, outdir, cpus, reader_cpus, peer_bins))
         started = True
         time.sleep(cfg.settle)
+        spin0 = spinner.cpu_seconds() if spinner else None
+        psi0 = cpu_pressure_total()
+        t_wl = time.monotonic()
         score = run_workload(workload, cfg.seconds, cfg.workload_cpu)
+        t_wl = time.monotonic() - t_wl
+        psi1 = cpu_pressure_total()
+        spin1 = spinner.cpu_seconds() if spinner else None
         tf.tracing_on = False
         after = _stats(tf, cpus)
     finally:
@@ -116,6 +231,12 @@ def run_once(collector: coll.Collector, tf: Tracefs, workload: Path, cfg: Config
         "lost_reported": report.lost_reported,
         "unread": sum(s.entries for s in after.values()) if collector.tracing else 0,
         "note": report.note,
+        # machine load during the workload: share of the time some task waited for a CPU
+        "cpu_pressure": (round((psi1 - psi0) / 1e6 / t_wl, 3) if psi0 is not None and psi1 is not None
+                         and t_wl > 0 else None),
+        # share of the spinners' CPUs they got during the workload: 1.0 = nobody else ran there
+        "spinner_share": (round((spin1 - spin0) / (t_wl * len(spinner.cpus)), 3)
+                          if spinner and spin0 is not None and spin1 is not None and t_wl > 0 else None),
     }
 
 
@@ -141,6 +262,8 @@ def summarize_workload(runs: Dict[str, List[dict]]) -> Dict[str, dict]:
             "lost": _summary_or_none([r.get("lost") for r in rs]),
             "lost_reported": _summary_or_none([r.get("lost_reported") for r in rs]),
             "unread": _summary_or_none([r.get("unread") for r in rs]),
+            "spinner_share": _summary_or_none([r.get("spinner_share") for r in rs]),
+            "cpu_pressure": _summary_or_none([r.get("cpu_pressure") for r in rs]),
             "runs": rs,
         }
     return out
@@ -176,7 +299,12 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
     tf = Tracefs.create_instance("vmtrace-bench-%d" % os.getpid())
     scratch = Path(tempfile.mkdtemp(prefix="vmtrace-bench-"))
     runs: Dict[str, Dict[str, List[dict]]] = {w: {c.name: [] for c in active} for w in cfg.workloads}
+    spin_cpus = [c for c in online if c != cfg.workload_cpu]
+    spinner = IdleSpinner(spin_cpus) if cfg.spinner and spin_cpus else None
     try:
+        if spinner:
+            say("idle spinner (SCHED_IDLE) on CPU %s" % ",".join(map(str, spin_cpus)))
+            spinner.start()
         tf.buffer_size_kb = cfg.buffer_kb
         cpus = tf.cpus()
         for w in cfg.workloads:
@@ -184,8 +312,13 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
                 k = rep % len(active)
                 for c in active[k:] + active[:k]:
                     say("%s rep %d/%d: %s" % (w, rep + 1, cfg.reps, c.name))
-                    runs[w][c.name].append(run_once(c, tf, peer_bins[w], cfg, cpus, reader_cpus, peer_bins, scratch))
+                    if spinner and not spinner.running():
+                        raise VmtraceError("the idle spinner died; the runs would not be comparable")
+                    runs[w][c.name].append(run_once(c, tf, peer_bins[w], cfg, cpus, reader_cpus, peer_bins,
+                                                    scratch, spinner))
     finally:
+        if spinner:
+            spinner.stop()
         tf.remove()
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -201,6 +334,9 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
             "seconds": cfg.seconds, "reps": cfg.reps, "quick": cfg.quick, "events": list(cfg.events),
             "buffer_size_kb": cfg.buffer_kb, "workload_cpu": cfg.workload_cpu, "reader_cpus": reader_cpus,
             "cpus": cpus, "collectors": [c.name for c in active],
+            "idle_spinner": spinner.describe() if spinner else {
+                "enabled": False, "cpus": [], "why": "turned off (--no-spinner)" if not cfg.spinner
+                else "no CPU besides the workload's"},
         },
         "collectors": {c.name: c.description for c in chosen},
         "skipped": skipped,
