@@ -44,9 +44,41 @@ def test_drain_is_wired_into_the_same_output(tmp_path):
         assert peer in proc.stdout
 
 
-def test_guest_mode_says_it_is_not_available_yet():
-    line = _one_line_error(_run("bench", "overhead", "--guest"))
-    assert "--guest is not available yet" in line
+@pytest.mark.vm
+@pytest.mark.slow
+def test_guest_quick_overhead_smoke(tmp_path):
+    """`--guest --quick` boots the TCG guest once and brings back a score per collector."""
+    import shutil
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86 (make test installs it)")
+    proc = _run("bench", "overhead", "--guest", "--quick", "--out", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    assert doc["setting"] == "guest" and doc["params"]["guest"]["accel"] == "tcg"
+    assert doc["params"]["guest"]["vcpus"] == 2 and doc["params"]["idle_spinner"]["enabled"] is True
+    cols = doc["workloads"]["pingpong"]["collectors"]
+    # every collector ran, or says why not; none is silently missing
+    assert set(cols) | set(doc["skipped"]) == set(collectors.NAMES)
+    assert {"off", "native"} <= set(cols)
+    for name, entry in cols.items():
+        assert len(entry["scores"]) == 2 and all(s > 0 for s in entry["scores"]), name
+        if name not in ("off", "native"):
+            # the bytes arrived on the host through the virtio-serial FIFOs
+            assert entry["bytes"]["min"] > 0, name
+            assert entry["cpu_seconds"]["max"] > 0, name
+    assert "(guest)" in proc.stdout
+
+
+@pytest.mark.tracefs
+def test_no_spinner_is_recorded(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    proc = _run("bench", "overhead", "--workload", "pingpong", "--collector", "native", "--seconds", "0.3",
+                "--reps", "1", "--no-spinner", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    assert doc["params"]["idle_spinner"]["enabled"] is False
+    assert doc["workloads"]["pingpong"]["collectors"]["native"]["runs"][0]["spinner_share"] is None
 
 
 def test_bad_reps_is_one_line(tmp_path):
@@ -69,6 +101,17 @@ def test_quick_overhead_smoke(tmp_path):
     assert set(doc["skipped"]) <= (set() if agent_there else {"vmtrace"})
     expected = set(collectors.NAMES) - set(doc["skipped"])
     assert doc["params"]["quick"] is True and doc["params"]["reps"] == 2
+    spin = doc["params"]["idle_spinner"]
+    if len(os.sched_getaffinity(0)) > 1:
+        # on by default, on every CPU but the workload's, and measured in every run
+        assert spin["enabled"] is True and spin["policy"] == "SCHED_IDLE"
+        assert doc["params"]["workload_cpu"] not in spin["cpus"] and spin["cpus"]
+        for w in doc["workloads"].values():
+            for entry in w["collectors"].values():
+                assert all(r["spinner_share"] is not None and r["spinner_share"] >= 0 for r in entry["runs"])
+        # no spinner outlives the benchmark
+        for pid in spin["pids"]:
+            assert not os.path.exists("/proc/%d" % pid) or "while True" not in open("/proc/%d/cmdline" % pid).read()
     for wname, w in doc["workloads"].items():
         cols = w["collectors"]
         assert set(cols) == expected

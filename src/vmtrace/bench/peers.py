@@ -62,13 +62,20 @@ def _compiler_id(cc: str) -> bytes:
     return proc.stdout.splitlines()[0] if proc.stdout else b""
 
 
-def build(name: str, src_dir: Optional[Path] = None, out_dir: Optional[Path] = None, cc: str = "gcc") -> Path:
-    """Return the path of the compiled peer ``name``, compiling it if needed."""
+def build(name: str, src_dir: Optional[Path] = None, out_dir: Optional[Path] = None, cc: str = "gcc",
+          static: bool = False) -> Path:
+    """Return the path of the compiled peer ``name``, compiling it if needed.
+
+    ``static`` links it statically, for the lab guest (busybox, no shared libc there).
+    """
     if name not in PEERS:
         raise VmtraceError("unknown reference peer %r (have: %s)" % (name, ", ".join(sorted(PEERS))))
     if shutil.which(cc) is None:
         raise VmtraceError("%s not found: the benchmark compiles its reference peers with it" % cc)
     src_file, flags = PEERS[name]
+    if static:
+        flags = flags + ["-static"]
+        name = name + "-static"
     src = (src_dir or source_dir()) / src_file
     try:
         code = src.read_bytes()
