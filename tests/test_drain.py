@@ -112,12 +112,17 @@ def test_several_fifos_byte_exact(tmp_path, real_pages):
 
 
 def _check_subsequence(out: bytes, total_pages: int) -> list:
-    """Output must be whole numbered pages, each intact, in increasing order."""
+    """Output must be whole numbered pages, each intact, in increasing order; exactly the
+    first page after every gap carries the missed-events flag in its commit word."""
     assert len(out) % PAGE == 0
     nums = []
     for i in range(0, len(out), PAGE):
-        page = out[i:i + PAGE]
+        page = bytearray(out[i:i + PAGE])
         n = int.from_bytes(page[:4], "little")
+        commit = int.from_bytes(page[8:12], "little")
+        gap = n != (nums[-1] + 1 if nums else 0)
+        assert commit == (n | (1 << 31) if gap else n), "page %d: flag %x, gap %s" % (i // PAGE, commit, gap)
+        page[8:12] = page[:4]
         assert page == n.to_bytes(4, "little") * (PAGE // 4), "page %d torn" % (i // PAGE)
         nums.append(n)
     assert nums == sorted(set(nums)) and (not nums or nums[-1] < total_pages)
@@ -245,3 +250,98 @@ def test_bench_drain_smoke(tmp_path):
         r = doc["results"][peer]
         assert r["bytes"] > 0 and r["bytes_lost_or_wrong"] == 0 and r["cpu_s"] >= 0
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.tracefs
+@pytest.mark.oracle
+def test_dropped_pages_show_as_a_drop_marker_in_trace_cmd(tmp_path):
+    """Real marker pages through a drain whose disk is stuck: the first page kept after
+    the dropped ones carries RB_MISSED_EVENTS, and trace-cmd prints [EVENTS DROPPED]
+    exactly there (between the last marker before the gap and the first after it)."""
+    import fcntl
+    import re
+
+    from vmtrace.agent import metadata
+    from vmtrace.format.tracedat_write import write_tracedat
+
+    tf = Tracefs.create_instance("vmtrace-host-drainmark-%d" % os.getpid())
+    old_aff = os.sched_getaffinity(0)
+    try:
+        tf.tracing_on = False
+        tf.buffer_size_kb = 2048
+        tf.clear()
+        tf.tracing_on = True
+        cpu = min(tf.cpus())
+        os.sched_setaffinity(0, {cpu})
+        fd = os.open(tf.file("trace_marker"), os.O_WRONLY)
+        try:
+            for i in range(3000):
+                os.write(fd, b"drainmark %06d " % i + b"x" * 150)
+        finally:
+            os.close(fd)
+        tf.tracing_on = False
+        pages = bytearray()
+        rfd = os.open(tf.trace_pipe_raw(cpu), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            while True:
+                try:
+                    chunk = os.read(rfd, PAGE)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                pages += chunk
+        finally:
+            os.close(rfd)
+        md = metadata.collect(tf, metadata.meta(tf, [cpu], [], PAGE, {}, {}, None), False)
+    finally:
+        os.sched_setaffinity(0, old_aff)
+        tf.remove()
+    assert len(pages) >= 40 * PAGE
+
+    r, w = _fifo_pair(tmp_path, "mark")
+    out_r, out_w = os.pipe()
+    fcntl.fcntl(out_w, 1031, PAGE)  # F_SETPIPE_SZ: the "disk" takes one page, then sticks
+    dr = Drainer(page_size=PAGE, spill_bytes=2 * PAGE, source_pipe_bytes=4 * PAGE)
+    s = dr.add(("g", cpu), r, out_w)
+    dr.start()
+    t = _feed(w, bytes(pages), PAGE)
+    t.join(30)
+    assert not t.is_alive()
+    got = bytearray()
+
+    def reader():
+        while True:
+            b = os.read(out_r, 1 << 16)
+            if not b:
+                return
+            got.extend(b)
+
+    rt = threading.Thread(target=reader, daemon=True)
+    rt.start()
+    _wait_eof(dr)
+    dr.stop()
+    os.close(out_w)
+    rt.join(10)
+    os.close(out_r)
+    st = s.stats()
+    assert st["dropped_pages"] > 0 and s.marked >= 1
+    cpu_file = tmp_path / "cpu"
+    cpu_file.write_bytes(bytes(got))
+    dat = tmp_path / "marked.dat"
+    write_tracedat(str(dat), md, {cpu: str(cpu_file)})
+    rep = subprocess.run(["trace-cmd", "report", "-i", str(dat)], capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0, rep.stderr[-500:]
+    lines = rep.stdout.splitlines()
+    drops = [i for i, ln in enumerate(lines) if "EVENTS DROPPED" in ln]
+    assert len(drops) == s.marked, rep.stdout[-2000:]
+    nums = [int(m.group(1)) if m else None for m in (re.search(r"drainmark (\d+)", ln) for ln in lines)]
+    for i in drops:
+        before = [n for n in nums[:i] if n is not None]
+        after = [n for n in nums[i:] if n is not None]
+        assert after, "a drop marker with no event after it"
+        assert after[0] > (before[-1] + 1 if before else 0), "marker %d not at a gap" % i
+    # and nowhere else is a gap
+    seen = [n for n in nums if n is not None]
+    gaps = sum(1 for a, b in zip([-1] + seen, seen) if b != a + 1)
+    assert gaps == len(drops)

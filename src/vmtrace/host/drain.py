@@ -45,6 +45,23 @@ _MOVE = os.SPLICE_F_MOVE
 _NB = os.SPLICE_F_NONBLOCK
 _INT0 = b"\0\0\0\0"
 _HUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+# ring-buffer page header: u64 timestamp, then `commit` (local_t) whose bit 31 says
+# "events were lost before this page" and bit 30 "their count is stored after the data"
+COMMIT_OFFSET = 8
+RB_MISSED_EVENTS = 1 << 31
+RB_MISSED_STORED = 1 << 30
+
+
+def mark_missed(page: bytearray) -> None:
+    """Flag a page as following lost events, count unknown (kbuffer: lost_events = -1).
+
+    Bits 30/31 of a little-endian commit are in its low 32-bit word whether local_t is 4
+    or 8 bytes. A count the kernel stored for its own overrun is dropped with STORED:
+    it would understate what was lost here.
+    """
+    v = int.from_bytes(page[COMMIT_OFFSET:COMMIT_OFFSET + 4], "little")
+    v = (v | RB_MISSED_EVENTS) & ~RB_MISSED_STORED
+    page[COMMIT_OFFSET:COMMIT_OFFSET + 4] = v.to_bytes(4, "little")
 
 
 def _fionread(fd: int) -> int:
@@ -114,6 +131,10 @@ class Stream:
     tail: Optional[bytearray] = None  # rest of a half-kept page, completed in userspace
     tail_need: int = 0
     tail_ready: bool = False
+    missed: bool = False       # pages were dropped since the last kept page: flag the next one
+    patch: Optional[bytearray] = None  # that next page, read through userspace to be flagged
+    patch_have: int = 0
+    marked: int = 0            # pages flagged as following dropped pages
     eof: bool = False
     write_error: Optional[str] = None
     done: bool = False
@@ -336,6 +357,12 @@ class Drainer:
                     break
                 taken += n
                 continue
+            if s.patch is not None:
+                n = self._read_into_patch(s, avail)
+                if n <= 0:
+                    break
+                taken += n
+                continue
             if phase == 0:
                 reason = self._drop_reason(s)
                 s.keep = reason is None
@@ -343,6 +370,13 @@ class Drainer:
                 # A full spill may drain any moment: decide again at the next page. A
                 # cap or a dead disk is final: drop in bulk to keep up with the guest.
                 s.drop_bulk = reason in ("cap", "error")
+                if s.keep and s.missed:
+                    # the first page kept after a drop carries the ring buffer's own
+                    # "events lost" flag, so readers show the gap where it is
+                    s.patch = bytearray(P)
+                    s.patch_have = 0
+                    s.missed = False
+                    continue
             if not s.keep:
                 if not s.drop_bulk and phase == 0 and avail < s.src_cap * 3 // 4:
                     # The source FIFO itself is the second half of the spill: leave the
@@ -352,6 +386,7 @@ class Drainer:
                 n = self._drop(s, n if s.drop_bulk else min(n, P - phase))
                 if n <= 0:
                     break
+                s.missed = True
                 taken += n
                 continue
             room = s.spill_cap - (s.spilled - s.spill_out)
@@ -407,6 +442,40 @@ class Drainer:
         s.tail_need += n
         if s.tail_need == len(tail):
             s.tail_ready = True
+            self._work.set()
+        return n
+
+    def _read_into_patch(self, s: Stream, avail: int) -> int:
+        page = s.patch
+        assert page is not None
+        try:
+            n = os.readv(s.src, [memoryview(page)[s.patch_have:][:avail]])
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                return 0
+            raise
+        if n <= 0:
+            return 0
+        s.received += n
+        s.accepted += n
+        s.group.accepted += n
+        s.patch_have += n
+        if s.patch_have == len(page):
+            mark_missed(page)
+            s.patch = None
+            s.marked += 1
+            try:
+                # one page = PIPE_BUF: all of it goes into the spill, or nothing
+                w = os.write(s.spill_w, page)
+            except BlockingIOError:
+                w = 0
+            s.spilled += w
+            if w < len(page):
+                # spill out of slots: the writer writes the rest after the spill, like a tail
+                rest = bytearray(page[w:])
+                s.tail, s.tail_need, s.tail_ready = rest, len(rest), True
             self._work.set()
         return n
 
