@@ -227,6 +227,11 @@ def run(seconds: Optional[float] = None, reps: Optional[int] = None, quick: bool
     reps = reps if reps is not None else (1 if quick else 3)
     if seconds <= 0 or reps < 1 or guests < 1 or streams < 1:
         raise VmtraceError("bench drain: seconds, reps, guests and streams must be positive")
+    if not rate_mb_s > 0:
+        raise VmtraceError("bench drain: --rate must be a positive number of MB/s")
+    if guests * streams > 128:
+        # the consumer holds four descriptors per stream (FIFO, spill pipe, file)
+        raise VmtraceError("bench drain: %d guests x %d streams is more than 128 FIFOs" % (guests, streams))
     parent = base_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
     base = tempfile.mkdtemp(prefix="vmtrace-bench-drain-", dir=parent)
     say = progress or (lambda msg: print(msg, file=sys.stderr))
