@@ -12,8 +12,8 @@ directory somebody else owns) is refused instead of followed: the recorder runs 
 root and must not be talked into writing somewhere else.
 
 Sockets: the recorder is the listening side and QEMU connects with ``reconnect=1``, so
-the recorder can be stopped and started again while the guest runs on (QEMU drops what
-the guest writes while nobody listens, it never blocks the guest). ``prepare`` leaves
+the recorder can be stopped and started again while the guest runs on (the guest sees
+its ports hang up and the agent waits for the next recorder, docs/agent.md). ``prepare`` leaves
 placeholder socket inodes so that ``record`` can find the guest's CPU count from the
 directory alone; ``record`` rebinds them.
 """
