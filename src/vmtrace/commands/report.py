@@ -131,16 +131,16 @@ def text_lines(trace: Any, *, cpus=None, events=None, start=None, end=None) -> I
 
 
 def text_blocks(trace: Any, *, cpus=None, events=None, start=None, end=None,
-                fast: bool = True) -> Iterator[str]:
-    """The same text as :func:`text_lines`, as blocks of whole lines (each ending in a
-    newline). Unfiltered reports (``--cpu`` allowed) of one buffer go through the bulk
-    renderer (:mod:`vmtrace.format.fastrender`); anything else line by line."""
+                fast: bool = True) -> Iterator[bytes]:
+    """The same text as :func:`text_lines`, UTF-8 encoded, in blocks of whole lines (each
+    ending in a newline). Unfiltered reports (``--cpu`` allowed) of one buffer go through
+    the bulk renderer (:mod:`vmtrace.format.fastrender`); anything else line by line."""
     bufs = _buffers_with_data(trace)
     if fast and len(bufs) == 1 and events is None and start is None and end is None:
         from vmtrace.format import fastrender
         if fastrender.supported(trace):
             from vmtrace.format.render import header_lines
-            yield "\n".join(header_lines(trace.source.nr_cpus or len(trace.cpus()))) + "\n"
+            yield ("\n".join(header_lines(trace.source.nr_cpus or len(trace.cpus()))) + "\n").encode()
             yield from fastrender.report_blocks(trace, bufs[0], cpus)
             return
     buf = []
@@ -148,11 +148,11 @@ def text_blocks(trace: Any, *, cpus=None, events=None, start=None, end=None,
         buf.append(line)
         if len(buf) >= 4096:
             buf.append("")
-            yield "\n".join(buf)
+            yield "\n".join(buf).encode("utf-8", "surrogateescape")
             buf = []
     if buf:
         buf.append("")
-        yield "\n".join(buf)
+        yield "\n".join(buf).encode("utf-8", "surrogateescape")
 
 
 def _stats(trace: Any, out) -> None:
@@ -185,12 +185,12 @@ def _write_text(trace: Any, out: Optional[str], **sel: Any) -> None:
         f = getattr(sys.stdout, "buffer", None)
     if f is None:       # a text-only stdout (tests capturing output)
         for block in text_blocks(trace, **sel):
-            sys.stdout.write(block)
+            sys.stdout.write(block.decode("utf-8", "surrogateescape"))
         sys.stdout.flush()
         return
     try:
         for block in text_blocks(trace, **sel):
-            f.write(block.encode("utf-8", "surrogateescape"))
+            f.write(block)
         f.flush()
     finally:
         if out:

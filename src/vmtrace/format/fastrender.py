@@ -150,7 +150,8 @@ def _parse_kallsyms(raw: bytes) -> Optional[tuple]:
 
 # --------------------------------------------------------------------------- columns
 
-# Column kinds: ("num", 1-D int array) ("arr", 2-D int array) ("str", uniq obj array, inv)
+# Column kinds: ("num", 1-D int array) ("arr", 2-D int array) ("str", raw text per row:
+# an "S" array or an object array of bytes; the text is what precedes the first NUL).
 _STRUCT_OK = (1, 2, 4, 8)
 
 
@@ -162,82 +163,100 @@ def _bulk_field(fi: FieldInfo) -> bool:
     return (not fi.is_dynamic) and fi.size > 0 and fi.elsize in _STRUCT_OK
 
 
-def _decode_strings(block: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """char rows -> (distinct texts, index per row), cut at the first NUL like _cstr."""
-    n, w = block.shape
-    if w == 0:
-        return np.array([""], dtype=object), np.zeros(n, np.intp)
-    block = np.array(block, copy=True)
-    nul = np.cumsum(block == 0, axis=1) > 0
-    block[nul] = 0
-    fixed = np.ascontiguousarray(block).view("S%d" % w).reshape(-1)
-    uniq, inv = np.unique(fixed, return_inverse=True)
-    texts = np.empty(len(uniq), dtype=object)
-    texts[:] = [u.decode("utf-8", "replace") for u in uniq.tolist()]
-    return texts, inv.reshape(-1)
+class _TextMemo(dict):
+    """raw char data -> the str the per-event path makes of it (cut at NUL, UTF-8)."""
+
+    def __missing__(self, raw: bytes) -> str:
+        i = raw.find(b"\0")
+        v = (raw if i < 0 else raw[:i]).decode("utf-8", "replace")
+        if len(self) >= 1 << 16:
+            self.clear()
+        self[raw] = v
+        return v
+
+
+class _Utf8Memo(dict):
+    """raw char data -> that text encoded as output bytes."""
+
+    def __missing__(self, raw: bytes) -> bytes:
+        v = _TEXT[raw].encode("utf-8", "surrogateescape")
+        if len(self) >= 1 << 16:
+            self.clear()
+        self[raw] = v
+        return v
+
+
+_TEXT = _TextMemo()
+_UTF8 = _Utf8Memo()
 
 
 class _Group:
     """Fields of some events of one type, gathered from one batch."""
 
-    def __init__(self, raw: np.ndarray, offs: np.ndarray, lens: np.ndarray,
-                 fields: Dict[str, FieldInfo], span: int):
-        self.n = offs.shape[0]
+    def __init__(self, seg: "_Seg", offs: np.ndarray, lens: np.ndarray, ty: "_Type"):
+        n = self.n = offs.shape[0]
         self.cols: Dict[str, tuple] = {}
-        bad = lens < span
-        if span and self.n:
-            win = np.lib.stride_tricks.sliding_window_view(raw, span)
-            rows = win[np.where(bad, 0, offs)]
+        span = ty.span
+        short = lens < span
+        bad = short
+        raw = seg.raw
+        if span and n:
+            if short.any():
+                offs = np.where(short, 0, offs)
+            rows = seg.window(span)[offs]
         else:
-            rows = np.zeros((self.n, 0), np.uint8)
-        for name, fi in fields.items():
+            rows = np.zeros((n, max(span, 0)), np.uint8)
+        if ty.rec is not None:
+            rec = rows.view(ty.rec).reshape(n)
+            for name in ty.rec.names:
+                self.cols[name] = ("num", rec[name])
+        for name, fi in ty.others:
             o, s = fi.offset, fi.size
-            if not fi.is_array:
-                dt = np.dtype("<%s%d" % ("i" if fi.signed else "u", s))
-                self.cols[name] = ("num", np.ascontiguousarray(rows[:, o:o + s]).view(dt).reshape(-1))
-            elif fi.is_string and not fi.is_dynamic:
-                self.cols[name] = ("str",) + _decode_strings(rows[:, o:o + s])
+            if fi.is_string and not fi.is_dynamic:
+                self.cols[name] = ("str", np.ascontiguousarray(rows[:, o:o + s]).view("S%d" % s).reshape(n))
             elif fi.is_string:
-                col, b = _dyn_strings(raw, rows, offs, lens, fi)
-                bad |= b
+                col, b = _dyn_strings(seg, rows, offs, lens, fi, short)
+                bad = bad | b
                 self.cols[name] = col
             else:
                 es = fi.elsize
                 cnt = s // es
                 dt = np.dtype("<%s%d" % ("i" if fi.signed else "u", es))
-                blk = np.ascontiguousarray(rows[:, o:o + cnt * es]).view(dt).reshape(self.n, cnt)
+                blk = np.ascontiguousarray(rows[:, o:o + cnt * es]).view(dt).reshape(n, cnt)
                 self.cols[name] = ("arr", blk)
         self.bad = bad
 
 
-def _dyn_strings(raw: np.ndarray, rows: np.ndarray, offs: np.ndarray, lens: np.ndarray,
-                 fi: FieldInfo) -> Tuple[tuple, np.ndarray]:
+def _dyn_strings(seg: "_Seg", rows: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+                 fi: FieldInfo, short: np.ndarray) -> Tuple[tuple, np.ndarray]:
+    """__data_loc strings: the location word of each row, then one gather of the text
+    (rows padded to the longest with NULs, which the text stops at anyway)."""
     n = offs.shape[0]
     o = fi.offset
     w = np.ascontiguousarray(rows[:, o:o + 4]).view("<u4").reshape(n).astype(np.int64)
     start = (w & 0xFFFF) + (o + 4 if fi.is_rel else 0)
     length = w >> 16
-    bad = start + length > lens
-    absolute = offs + start
-    inv = np.zeros(n, np.intp)
-    texts: List[np.ndarray] = [np.array([""], dtype=object)]
-    base = 1
-    good = ~bad & (length > 0)
-    if good.any():
-        ls = length[good]
-        for L in np.unique(ls).tolist():
-            idx = np.flatnonzero(good & (length == L))
-            block = np.lib.stride_tricks.sliding_window_view(raw, L)[absolute[idx]]
-            t, i = _decode_strings(block)
-            inv[idx] = i + base
-            base += len(t)
-            texts.append(t)
-    return ("str", np.concatenate(texts), inv), bad
+    bad = (start + length > lens) | short
+    length = np.where(bad, 0, length)
+    absolute = np.where(bad, 0, offs + start)
+    longest = int(length.max()) if n else 0
+    if longest == 0:
+        return ("str", np.zeros(n, "S1")), bad
+    if n * longest <= 1 << 22:
+        block = seg.window(longest)[absolute]
+        block[np.arange(longest)[None, :] >= length[:, None]] = 0
+        return ("str", block.view("S%d" % longest).reshape(n)), bad
+    out = np.empty(n, dtype=object)
+    out[:] = [b""] * n
+    for L in np.unique(length[length > 0]).tolist():
+        idx = np.flatnonzero(length == L)
+        out[idx] = seg.window(L)[absolute[idx]].view("S%d" % L).reshape(-1).tolist()
+    return ("str", out), bad
 
 
 def _materialize(col: tuple) -> list:
     if col[0] == "str":
-        return col[1][col[2]].tolist()
+        return list(map(_TEXT.__getitem__, col[1].tolist()))
     return col[1].tolist()
 
 
@@ -246,36 +265,72 @@ def _materialize(col: tuple) -> list:
 _MASKS = {(1 << b) - 1: b for b in (8, 16, 32, 64)}
 
 
-def _vector(node: ast.AST, cols: Dict[str, tuple]) -> Optional[np.ndarray]:
-    """Evaluate the simple integer expressions codegen emits (casts, masks, a[K]) in numpy."""
+def _vector(node: ast.AST, kinds: Dict[str, str]) -> Optional[Any]:
+    """A numpy version of the simple integer expressions codegen emits (casts, masks,
+    ``a[K]``), as a function of the columns; None if ``node`` is something else."""
     if isinstance(node, ast.Name) and node.id.startswith("f_"):
-        c = cols.get(node.id[2:])
-        return c[1] if c is not None and c[0] == "num" else None
+        name = node.id[2:]
+        if kinds.get(name) != "num":
+            return None
+        return lambda cols: cols[name][1]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_s" \
             and len(node.args) == 2 and isinstance(node.args[1], ast.Constant) \
             and node.args[1].value in (8, 16, 32, 64):
-        v = _vector(node.args[0], cols)
-        return None if v is None else v.astype("i%d" % (node.args[1].value // 8))
+        inner = _vector(node.args[0], kinds)
+        if inner is None:
+            return None
+        dt = np.dtype("i%d" % (node.args[1].value // 8))
+        return lambda cols: inner(cols).astype(dt)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd) \
             and isinstance(node.right, ast.Constant) and node.right.value in _MASKS:
-        v = _vector(node.left, cols)
-        return None if v is None else v.astype("u%d" % (_MASKS[node.right.value] // 8))
+        inner = _vector(node.left, kinds)
+        if inner is None:
+            return None
+        dt = np.dtype("u%d" % (_MASKS[node.right.value] // 8))
+        return lambda cols: inner(cols).astype(dt)
     if isinstance(node, ast.IfExp) and isinstance(node.body, ast.Subscript) \
             and isinstance(node.orelse, ast.Constant) and node.orelse.value == 0:
         # codegen's "(f_a[K] if 0 <= K < len(f_a) else 0)" with a constant K
         sub = node.body
         if isinstance(sub.value, ast.Name) and isinstance(sub.slice, ast.Constant) \
                 and isinstance(sub.slice.value, int) and sub.value.id.startswith("f_") \
+                and kinds.get(sub.value.id[2:]) == "arr" \
                 and ast.dump(node.test) == ast.dump(ast.parse(
                     "0 <= %d < len(%s)" % (sub.slice.value, sub.value.id), mode="eval").body):
-            c = cols.get(sub.value.id[2:])
-            if c is None or c[0] != "arr":
-                return None
-            k = sub.slice.value
-            if 0 <= k < c[1].shape[1]:
-                return c[1][:, k]
-            return np.zeros(c[1].shape[0], np.int64)
+            name, k = sub.value.id[2:], sub.slice.value
+
+            def index(cols: Dict[str, tuple]) -> np.ndarray:
+                a = cols[name][1]
+                return a[:, k] if 0 <= k < a.shape[1] else np.zeros(a.shape[0], np.int64)
+            return index
     return None
+
+
+class _Memo(dict):
+    """fn(value) per distinct value, remembered across groups (helpers are pure)."""
+
+    def __init__(self, fn: Any, conv: Optional[str], text: bool):
+        super().__init__()
+        self.fn = fn
+        self.conv = conv
+        self.text = text        # keys are raw char data: pass the fn their text
+
+    def __missing__(self, key: Any) -> Any:
+        v = self.fn(_TEXT[key] if self.text else key)
+        if self.conv:
+            v = _b(v)
+            if self.conv == "s!" and not v.isascii():
+                raise _NotAscii()
+        if len(self) >= 1 << 17:
+            self.clear()
+        self[key] = v
+        return v
+
+
+def _field_kind(fi: FieldInfo) -> str:
+    if not fi.is_array:
+        return "num"
+    return "str" if fi.is_string else "arr"
 
 
 class _Arg:
@@ -283,13 +338,17 @@ class _Arg:
 
     def __init__(self, code: str, fields: Dict[str, FieldInfo], ns: dict):
         self.code = code
-        self.tree = ast.parse(code, mode="eval").body
-        names = sorted({n.id[2:] for n in ast.walk(self.tree)
+        tree = ast.parse(code, mode="eval").body
+        names = sorted({n.id[2:] for n in ast.walk(tree)
                         if isinstance(n, ast.Name) and n.id.startswith("f_") and n.id[2:] in fields})
         self.fields = names
-        self.direct = names[0] if isinstance(self.tree, ast.Name) and names else None
+        kinds = {n: _field_kind(fields[n]) for n in names}
+        self.direct = names[0] if isinstance(tree, ast.Name) and names else None
+        self.vector = None if self.direct else _vector(tree, kinds)
+        self.memo_field = names[0] if len(names) == 1 and kinds[names[0]] in ("num", "str") else None
         self.ns = ns
         self._fn: Any = None
+        self._memos: Dict[tuple, _Memo] = {}
 
     @property
     def fn(self) -> Any:
@@ -298,30 +357,64 @@ class _Arg:
             self._fn = eval(compile(src, "<bulk arg>", "eval"), self.ns)  # noqa: S307 - printfmt's code
         return self._fn
 
-    def column(self, g: _Group) -> list:
-        n = g.n
+    def memo(self, conv: Optional[str], text: bool) -> _Memo:
+        m = self._memos.get((conv, text))
+        if m is None:
+            m = self._memos[(conv, text)] = _Memo(self.fn, conv, text)
+        return m
+
+    def column(self, g: _Group, conv: Optional[str]) -> list:
+        """Values for ``g``; as UTF-8 bytes when ``conv`` is "s" (a %s conversion) or
+        "s!" (a %s with width or precision: then only ASCII, or _NotAscii is raised)."""
+        cols = g.cols
         if self.direct is not None:
-            return _materialize(g.cols[self.direct])
-        v = _vector(self.tree, g.cols)
-        if v is not None:
-            return v.tolist()
+            c = cols[self.direct]
+            if c[0] == "str":
+                if not conv:
+                    return list(map(_TEXT.__getitem__, c[1].tolist()))
+                vals = list(map(_UTF8.__getitem__, c[1].tolist()))
+                if conv == "s!" and not all(map(bytes.isascii, vals)):
+                    raise _NotAscii()
+                return vals
+            vals = c[1].tolist()
+            return _as_bytes(vals, conv) if conv else vals
+        if self.vector is not None:
+            vals = self.vector(cols).tolist()
+            return _as_bytes(vals, conv) if conv else vals
+        if self.memo_field is not None:
+            c = cols[self.memo_field]
+            return list(map(self.memo(conv, c[0] == "str").__getitem__, c[1].tolist()))
         fn = self.fn
         if not self.fields:
-            return [fn()] * n
-        if len(self.fields) == 1:
-            c = g.cols[self.fields[0]]
-            if c[0] == "str":
-                vals = list(map(fn, c[1].tolist()))
-                return _objects(vals)[c[2]].tolist()
-            if c[0] == "num":
-                u, inv = np.unique(c[1], return_inverse=True)
-                if u.shape[0] * 2 < n:
-                    return _objects(list(map(fn, u.tolist())))[inv.reshape(-1)].tolist()
-                return list(map(fn, c[1].tolist()))
-        return list(map(fn, *[_materialize(g.cols[f]) for f in self.fields]))
+            vals = [fn()]
+            return (_as_bytes(vals, conv) if conv else vals) * g.n
+        vals = list(map(fn, *[_materialize(cols[f]) for f in self.fields]))
+        return _as_bytes(vals, conv) if conv else vals
+
+
+class _NotAscii(Exception):
+    """A padded %s of non-ASCII text: widths count characters, so format as str."""
+
+
+def _b(v: Any) -> bytes:
+    if not isinstance(v, str):
+        v = "%s" % (v,)
+    return v.encode("utf-8", "surrogateescape")
+
+
+def _as_bytes(vals: list, conv: str) -> list:
+    out = list(map(_b, vals))
+    if conv == "s!" and not all(map(bytes.isascii, out)):
+        raise _NotAscii()
+    return out
 
 
 def _objects(vals: list) -> np.ndarray:
+    """A 1-D object array of ``vals`` (np.array would nest tuples and lists)."""
+    if not vals or isinstance(vals[0], (str, bytes, int)):
+        a = np.array(vals, dtype=object)
+        if a.ndim == 1 and a.shape[0] == len(vals):
+            return a
     out = np.empty(len(vals), dtype=object)
     for i, v in enumerate(vals):
         out[i] = v
@@ -445,8 +538,11 @@ class _Type:
         if fmt is None:
             self.tail = "[UNKNOWN EVENT]".replace("%", "%%")
             self.args: List[_Arg] = []
+            self.convs: List[Optional[str]] = []
             self.fields: Dict[str, FieldInfo] = {}
             self.span = 0
+            self.rec = None
+            self.others: list = []
             self.bulk = True
             self.prefix = prefix.replace("%", "%%")
             return
@@ -468,6 +564,10 @@ class _Type:
             args = [_Arg(c, by_name, ns) for c in codes]
         except (SyntaxError, ValueError, TypeError):
             return
+        convs = _conversions(body)
+        if convs is None or len(convs) != len(args):
+            return
+        self.convs = convs
         used = sorted({f for a in args for f in a.fields})
         if self.reg == "switch":
             used = sorted(set(used) | {"prev_pid", "prev_comm", "next_pid", "next_comm"})
@@ -485,16 +585,51 @@ class _Type:
         self.span = max([fi.offset + (4 if fi.is_dynamic else fi.size) for fi in fields.values()]
                         + [0])
         self.fields = fields
+        scal = [(n, fi) for n, fi in fields.items() if not fi.is_array]
+        self.rec = np.dtype({"names": [n for n, _ in scal],
+                             "formats": ["<%s%d" % ("i" if fi.signed else "u", fi.size) for _, fi in scal],
+                             "offsets": [fi.offset for _, fi in scal],
+                             "itemsize": self.span}) if scal else None
+        self.others = [(n, fi) for n, fi in fields.items() if fi.is_array]
         self.args = args
         self.tail = (event_name_column(name).replace("%", "%%") + body)
         self.prefix = prefix.replace("%", "%%")
         self.bulk = True
 
-    def line_fmt(self, cpu: int) -> str:
+    def line_fmt(self, cpu: int) -> bytes:
         f = self.fmts.get(cpu)
         if f is None:
-            f = self.fmts[cpu] = "%s%%s [%03d] %%5d.%%06d: %s" % (self.prefix, cpu, self.tail)
+            f = self.fmts[cpu] = self.line_fmt_str(cpu).encode("utf-8", "surrogateescape")
         return f
+
+    def line_fmt_str(self, cpu: int) -> str:
+        return "%s%%s [%03d] %%5d.%%06d: %s" % (self.prefix, cpu, self.tail)
+
+
+_PYSPEC = re.compile(r"%(\([^)]*\))?([-#0 +]*)(\*|\d+)?(?:\.(\*|\d*))?([a-zA-Z%])")
+
+
+def _conversions(fmt: str) -> Optional[List[Optional[str]]]:
+    """Per argument of a Python %-format: "s" (a %s), "s!" (a padded or cut %s) or None
+    (a number); None for the whole format if it uses anything else."""
+    out: List[Optional[str]] = []
+    for m in _PYSPEC.finditer(fmt):
+        key, flags, width, prec, conv = m.groups()
+        if conv == "%":
+            if key or flags or width or prec is not None:
+                return None
+            continue
+        if key or conv not in "sdiouxXc":
+            return None
+        if width == "*":
+            out.append(None)
+        if prec == "*":
+            out.append(None)
+        if conv in "sc":
+            out.append("s!" if (width or prec is not None) else "s")
+        else:
+            out.append(None)
+    return out
 
 
 # --------------------------------------------------------------------------- merge
@@ -503,12 +638,25 @@ class _Type:
 class _Seg:
     """Pending items of one batch: keys (running max of ts), codes (event i, or ~marker)."""
 
-    __slots__ = ("batch", "cpu", "keys", "codes", "markers", "pids", "lo")
+    __slots__ = ("batch", "cpu", "keys", "codes", "markers", "pids", "lo", "raw", "_wins")
 
     def __init__(self, batch: Any, cpu: int, keys: np.ndarray, codes: np.ndarray,
                  markers: list, pids: np.ndarray):
         self.batch, self.cpu, self.keys, self.codes = batch, cpu, keys, codes
         self.markers, self.pids, self.lo = markers, pids, 0
+        self.raw = np.frombuffer(batch.data, np.uint8)
+        self._wins: Dict[int, np.ndarray] = {}
+
+    def window(self, span: int) -> np.ndarray:
+        """Rows of ``span`` bytes starting at any offset (a view, no copy)."""
+        w = self._wins.get(span)
+        if w is None:
+            raw = self.raw
+            if raw.shape[0] < span:
+                raw = np.zeros(span, np.uint8)
+            w = self._wins[span] = np.lib.stride_tricks.as_strided(
+                raw, (raw.shape[0] - span + 1, span), (1, 1), writeable=False)
+        return w
 
 
 class _Stream:
@@ -519,7 +667,6 @@ class _Stream:
         self.done = False
         self.segs: List[_Seg] = []
         self.carry = 0
-        self.needmore = False
 
     def pending(self) -> int:
         return sum(s.keys.shape[0] - s.lo for s in self.segs)
@@ -608,17 +755,23 @@ class FastReport:
         streams = [_Stream(c, self.trace.batches(c, self.buffer.name), self) for c in cpus]
         while True:
             for s in streams:
-                while not s.done and (not s.segs or s.needmore):
-                    s.needmore = False
+                while not s.done and not s.segs:
                     s.load()
             live = [s for s in streams if not s.done]
+            # Everything below the smallest last pending key is final. An item at that
+            # key is final too unless a CPU with a lower number can still bring one at
+            # the same key (only CPUs whose last pending key is that key can).
             limit = min(s.last() for s in live) if live else None
+            tie_cpu = min(s.cpu for s in live if s.last() == limit) if live else None
             pieces = []
             for s in streams:
                 while s.segs:
                     seg = s.segs[0]
-                    end = seg.keys.shape[0] if limit is None else \
-                        int(np.searchsorted(seg.keys, _U64(limit), side="left"))
+                    if limit is None:
+                        end = seg.keys.shape[0]
+                    else:
+                        end = int(np.searchsorted(seg.keys, _U64(limit),
+                                                  side="right" if s.cpu <= tie_cpu else "left"))
                     if end > seg.lo:
                         pieces.append((seg, seg.lo, end))
                         seg.lo = end
@@ -626,9 +779,6 @@ class FastReport:
                         s.segs.pop(0)
                         continue
                     break
-            for s in live:
-                if s.segs and s.last() == limit:
-                    s.needmore = True
             if pieces:
                 segs = []
                 seg_ix = []
@@ -646,7 +796,7 @@ class FastReport:
                 return
 
     # -- rendering ------------------------------------------------------------------
-    def blocks(self) -> Iterator[str]:
+    def blocks(self) -> Iterator[bytes]:
         for segs, seg_ix, codes in self._windows():
             for a in range(0, seg_ix.shape[0], SUB_CHUNK):
                 yield self._render(segs, seg_ix[a:a + SUB_CHUNK], codes[a:a + SUB_CHUNK])
@@ -657,14 +807,14 @@ class FastReport:
             t = self.types[tid] = _Type(self.trace.catalog.get(tid), self.r, self.prefix)
         return t
 
-    def _render(self, segs: List[_Seg], seg_ix: np.ndarray, codes: np.ndarray) -> str:
+    def _render(self, segs: List[_Seg], seg_ix: np.ndarray, codes: np.ndarray) -> bytes:
         n = seg_ix.shape[0]
         is_ev = codes >= 0
         pid = np.zeros(n, np.int64)
         tid = np.zeros(n, np.int64)
         ts = np.zeros(n, np.uint64)
         cpu = np.zeros(n, np.int64)
-        present = np.unique(seg_ix).tolist()
+        present = np.flatnonzero(np.bincount(seg_ix, minlength=len(segs))).tolist()
         for k in present:
             seg = segs[k]
             m = seg_ix == k
@@ -675,13 +825,18 @@ class FastReport:
             tid[me] = seg.batch.type_id[e]
             ts[me] = seg.batch.ts[e]
         out = np.empty(n, dtype=object)
-        pos_all = np.arange(n)
-        # groups of (segment, type)
+        # groups of (segment, type), each in merged order: a counting sort
         ev_pos = np.flatnonzero(is_ev)
         gkey = seg_ix[ev_pos].astype(np.int64) * 65536 + tid[ev_pos]
-        ukeys, ginv = np.unique(gkey, return_inverse=True)
-        gorder = np.argsort(ginv, kind="stable")
-        bounds = np.concatenate(([0], np.cumsum(np.bincount(ginv, minlength=ukeys.shape[0]))))
+        counts = np.bincount(gkey)
+        ukeys = np.flatnonzero(counts)
+        if ukeys.shape[0] < 65536:
+            lut = np.zeros(counts.shape[0], np.uint16)
+            lut[ukeys] = np.arange(ukeys.shape[0], dtype=np.uint16)
+            gorder = np.argsort(lut[gkey], kind="stable")
+        else:
+            gorder = np.argsort(gkey, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(counts[ukeys]))).tolist()
         groups = []
         for g, key in enumerate(ukeys.tolist()):
             P = ev_pos[gorder[bounds[g]:bounds[g + 1]]]
@@ -695,8 +850,7 @@ class FastReport:
             if ty.bulk and ty.fmt is not None:
                 b = seg.batch
                 E = codes[P]
-                gr = _Group(np.frombuffer(b.data, np.uint8), b.offset[E], b.length[E].astype(np.int64),
-                            ty.fields, ty.span)
+                gr = _Group(seg, b.offset[E], b.length[E].astype(np.int64), ty)
             gathered.append((seg, ty, P, gr))
             if ty.reg is not None:
                 regs.append(self._registrations(seg, ty, P, codes, gr))
@@ -725,21 +879,37 @@ class FastReport:
         mk = np.flatnonzero(~is_ev)
         for p in mk.tolist():
             seg = segs[int(seg_ix[p])]
-            out[p] = self.prefix + lost_text(seg.cpu, seg.markers[~int(codes[p])][0])
+            out[p] = (self.prefix + lost_text(seg.cpu, seg.markers[~int(codes[p])][0])).encode(
+                "utf-8", "surrogateescape")
         if self.prefix and (mk.shape[0] or self.after_drop):
             self._strip_after_drop(out, cpu, is_ev, mk)
-        return "\n".join(out.tolist()) + "\n"
+        return b"\n".join(out.tolist()) + b"\n"
 
     def _bulk_lines(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: Optional[_Group],
                     heads: np.ndarray, secs: np.ndarray, usecs: np.ndarray,
                     codes: np.ndarray) -> Optional[list]:
-        F = ty.line_fmt(seg.cpu)
         if gr is None:     # unknown event: header only
+            F = ty.line_fmt(seg.cpu)
             return list(map(F.__mod__, zip(heads[P].tolist(), secs[P].tolist(), usecs[P].tolist())))
         if gr.bad.any():
             return None if gr.bad.all() else self._mixed(seg, ty, P, gr, heads, secs, usecs, codes)
-        cols = [a.column(gr) for a in ty.args]
-        return list(map(F.__mod__, zip(heads[P].tolist(), secs[P].tolist(), usecs[P].tolist(), *cols)))
+        return self._format(seg, ty, P, gr, heads, secs, usecs)
+
+    def _format(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: _Group, heads: np.ndarray,
+                secs: np.ndarray, usecs: np.ndarray) -> list:
+        hl, sl, ul = heads[P].tolist(), secs[P].tolist(), usecs[P].tolist()
+        try:
+            cols = [a.column(gr, c) for a, c in zip(ty.args, ty.convs)]
+            F = ty.line_fmt(seg.cpu)
+            return list(map(F.__mod__, zip(hl, sl, ul, *cols)))
+        except _NotAscii:
+            pass
+        # padded non-ASCII text: pad characters, as the per-event renderer does
+        cols = [a.column(gr, None) for a in ty.args]
+        Fs = ty.line_fmt_str(seg.cpu)
+        hs = [h.decode("utf-8", "surrogateescape") for h in hl]
+        return [line.encode("utf-8", "surrogateescape")
+                for line in map(Fs.__mod__, zip(hs, sl, ul, *cols))]
 
     def _mixed(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: _Group, heads: np.ndarray,
                secs: np.ndarray, usecs: np.ndarray, codes: np.ndarray) -> list:
@@ -748,17 +918,10 @@ class FastReport:
         sub = _Group.__new__(_Group)
         sub.n = int(good.sum())
         sub.bad = np.zeros(sub.n, bool)
-        sub.cols = {k: ((c[0], c[1][good]) if c[0] != "str" else (c[0], c[1], c[2][good]))
-                    for k, c in gr.cols.items()}
-        Pg = P[good]
-        F = ty.line_fmt(seg.cpu)
-        cols = [a.column(sub) for a in ty.args]
-        good_lines = list(map(F.__mod__, zip(heads[Pg].tolist(), secs[Pg].tolist(),
-                                              usecs[Pg].tolist(), *cols)))
+        sub.cols = {k: (c[0], c[1][good]) for k, c in gr.cols.items()}
         res = np.empty(P.shape[0], dtype=object)
-        res[good] = good_lines
-        Pb = P[gr.bad]
-        res[gr.bad] = self._slow_lines(seg, ty, Pb, codes, heads, secs, usecs)
+        res[good] = self._format(seg, ty, P[good], sub, heads, secs, usecs)
+        res[gr.bad] = self._slow_lines(seg, ty, P[gr.bad], codes, heads, secs, usecs)
         return res.tolist()
 
     def _slow_lines(self, seg: _Seg, ty: _Type, P: np.ndarray, codes: np.ndarray,
@@ -771,19 +934,20 @@ class FastReport:
         pre = self.prefix
         c = seg.cpu
         out = []
-        hl, sl, ul = heads[P].tolist(), secs[P].tolist(), usecs[P].tolist()
+        hl = [h.decode("utf-8", "surrogateescape") for h in heads[P].tolist()]
+        sl, ul = secs[P].tolist(), usecs[P].tolist()
         if fmt is None:
             for h, s, u in zip(hl, sl, ul):
                 out.append("%s%s [%03d] %5d.%06d: [UNKNOWN EVENT]" % (pre, h, c, s, u))
-            return out
-        col = event_name_column(getattr(fmt, "name", "") or "(NULL)")
-        info = self.r.info
-        bo, bl = b.offset, b.length
-        for e, h, s, u in zip(E, hl, sl, ul):
-            o = int(bo[e])
-            p = data[o:o + int(bl[e])]
-            out.append("%s%s [%03d] %5d.%06d: %s%s" % (pre, h, c, s, u, col, info(fmt, p)))
-        return out
+        else:
+            col = event_name_column(getattr(fmt, "name", "") or "(NULL)")
+            info = self.r.info
+            bo, bl = b.offset, b.length
+            for e, h, s, u in zip(E, hl, sl, ul):
+                o = int(bo[e])
+                p = data[o:o + int(bl[e])]
+                out.append("%s%s [%03d] %5d.%06d: %s%s" % (pre, h, c, s, u, col, info(fmt, p)))
+        return [line.encode("utf-8", "surrogateescape") for line in out]
 
     # -- comm learning ----------------------------------------------------------------
     def _registrations(self, seg: _Seg, ty: _Type, P: np.ndarray, codes: np.ndarray,
@@ -796,8 +960,7 @@ class FastReport:
             for k, (pf, cf) in enumerate(pairs):
                 pos.append(P.astype(np.int64) * 2 + k)
                 pids.append(gr.cols[pf][1].astype(np.int64))
-                c = gr.cols[cf]
-                names.append(c[1][c[2]])
+                names.append(_objects(_materialize(gr.cols[cf])))
             return np.concatenate(pos), np.concatenate(pids), np.concatenate(names)
         # some payloads are short: read each as the plugin does (it registers only if
         # its read succeeds)
@@ -831,8 +994,7 @@ class FastReport:
         return newly
 
     def _heads(self, pid: np.ndarray, is_ev: np.ndarray, newly: Dict[int, int]) -> np.ndarray:
-        u, inv = np.unique(pid, return_inverse=True)
-        inv = inv.reshape(-1)
+        u, inv = _unique_small(pid)
         comms = self.comms
         cache = self.heads
         final = np.empty(u.shape[0], dtype=object)
@@ -843,7 +1005,7 @@ class FastReport:
             name = "<idle>" if p == 0 else comms.get(p, "<...>")
             h = cache.get((p, name))
             if h is None:
-                h = cache[(p, name)] = "%16s-%-5d" % (name, p)
+                h = cache[(p, name)] = _b("%16s-%-5d" % (name, p))
             final[i] = h
         if newly:
             before = final.copy()
@@ -851,7 +1013,7 @@ class FastReport:
             for i, p in enumerate(ul):
                 if p in newly:
                     reg[i] = newly[p]
-                    before[i] = "%16s-%-5d" % ("<...>", p)
+                    before[i] = _b("%16s-%-5d" % ("<...>", p))
             heads = final[inv]
             use_before = np.arange(pid.shape[0]) <= reg[inv]
             if use_before.any():
@@ -861,7 +1023,7 @@ class FastReport:
 
     def _strip_after_drop(self, out: np.ndarray, cpu: np.ndarray, is_ev: np.ndarray,
                           mk: np.ndarray) -> None:
-        L = len(self.prefix)
+        L = len(_b(self.prefix))
         todo = set(cpu[mk].tolist()) | self.after_drop
         for c in sorted(todo):
             idx = np.flatnonzero(cpu == c)
@@ -875,6 +1037,21 @@ class FastReport:
                 self.after_drop.discard(c)
             else:
                 self.after_drop.add(c)
+
+
+def _unique_small(v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """np.unique(v, return_inverse=True) for ints, by counting when their range is small."""
+    if v.shape[0]:
+        lo, hi = int(v.min()), int(v.max())
+        if hi - lo < max(1 << 16, 4 * v.shape[0]):
+            x = v - lo
+            seen = np.bincount(x, minlength=hi - lo + 1) > 0
+            u = np.flatnonzero(seen)
+            lut = np.zeros(seen.shape[0], np.intp)
+            lut[u] = np.arange(u.shape[0])
+            return u + lo, lut[x]
+    u, inv = np.unique(v, return_inverse=True)
+    return u, inv.reshape(-1)
 
 
 def _pid_field(catalog: Any) -> Tuple[int, int]:
@@ -891,6 +1068,6 @@ def supported(trace: Any) -> bool:
     return trace.source.endian in ("<", "little")
 
 
-def report_blocks(trace: Any, buffer: Any, cpus: Optional[List[int]] = None) -> Iterator[str]:
-    """Text blocks (each ending in a newline) of the report of one buffer, no header."""
+def report_blocks(trace: Any, buffer: Any, cpus: Optional[List[int]] = None) -> Iterator[bytes]:
+    """UTF-8 blocks (each ending in a newline) of the report of one buffer, no header."""
     yield from FastReport(trace, buffer, cpus).blocks()

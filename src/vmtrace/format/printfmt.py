@@ -887,6 +887,22 @@ def compile_reader(fields: Iterable[Any], names: Sequence[str], *, long_size: in
 # --------------------------------------------------------------------------- code generation
 
 
+_FOLDED: dict = {}
+
+
+def _fold(code: str, consts: Mapping[str, Any]) -> Any:
+    """Value of a constant expression; the same flag masks recur in many print fmts
+    (every kmem event spells out the GFP table), so results are remembered."""
+    if "_k" in code:        # refers to this format's own constants
+        return eval(code, dict(_HELPERS, **consts), {})  # noqa: S307 - generated code
+    hit = _FOLDED.get(code, _FOLDED)
+    if hit is _FOLDED:
+        if len(_FOLDED) > 1 << 16:
+            _FOLDED.clear()
+        hit = _FOLDED[code] = eval(code, dict(_HELPERS), {})  # noqa: S307 - generated code
+    return hit
+
+
 class _Gen:
     """Turns AST nodes into Python expressions over local variables f_<field>."""
 
@@ -920,7 +936,7 @@ class _Gen:
         code, kind, rng = self._gen(node)
         if kind == "int" and node[0] in ("bin", "un", "cast", "tern") and "f_" not in code:
             try:   # fold constant arithmetic (flag masks) once, at compile time
-                val = eval(code, dict(_HELPERS, **self.consts), {})
+                val = _fold(code, self.consts)
             except Exception:
                 return code, kind, rng
             if isinstance(val, int):
@@ -1040,7 +1056,7 @@ class _Gen:
                 continue
             vcode, _ = self.num(it[1][0])
             try:
-                val = eval(vcode, dict(_HELPERS, **self.consts), {})  # constants only: no field is in scope
+                val = _fold(vcode, self.consts)  # constants only: no field is in scope
             except Exception as exc:
                 raise _Unsupported(f"non-constant flag value ({exc})")
             name = it[1][1]
