@@ -129,14 +129,14 @@ wait_open() {  # wait_open PATTERN COUNT: the collectors hold COUNT inputs open
     echo "$TAG ERR collector did not open its inputs in 60 s"
     return 1
 }
-stop_all() {  # stop_all SIGNAL
+stop_all() {  # stop_all SIGNAL; sets CPU (not in $(...): a subshell cannot wait for our children)
     for p in $PIDS; do kill -$1 $p 2>/dev/null; done
     for p in $TPIDS; do wait $p 2>/dev/null; done
     cpu=0
     for f in $TIMES; do  # busybox time may add "Command terminated by signal N" first
         [ -s $f ] && cpu=$(awk -v c=$cpu '$1 ~ /^[0-9.]+$/ { c += $1 + $2 } END { print c }' $f)
     done
-    echo $cpu
+    CPU=$cpu
 }
 
 start_off() { :; }
@@ -171,7 +171,7 @@ run_one() {  # run_one COLLECTOR WORKLOAD SECONDS
     [ $c != off ] && echo 1 > $T/tracing_on
     if ! start_$c; then
         echo 0 > $T/tracing_on
-        stop_all KILL > /dev/null
+        stop_all KILL
         echo "$TAG END $c $w fail"
         return
     fi
@@ -181,7 +181,7 @@ run_one() {  # run_one COLLECTOR WORKLOAD SECONDS
     L1=$(lost)
     U=$(unread)
     sig=$(eval echo \$SIG_$c)
-    CPU=$(stop_all $sig)
+    stop_all $sig
     [ $c = off ] || [ $c = native ] && CPU=-
     echo "$TAG END $c $w ok score=$S lost=$((L1 - L0)) unread=$U cpu=$CPU"
 }
