@@ -1,0 +1,334 @@
+/*
+ * vmtrace.format._walk: the ring-buffer page walk of ringbuffer.py in C.
+ *
+ * The numpy walk in ringbuffer.py (_decode_pages_numpy) is the specification and the
+ * oracle: for any bytes, this code must give the same events, lost marks and per-page
+ * problems.  Pages come from a guest and are untrusted: every read is checked against
+ * the page (and so the buffer), every loop advances by at least 4 bytes towards a bound,
+ * and every write is checked against the output's size.
+ *
+ * Two entry points, both releasing the GIL while they walk:
+ *
+ *   pages(buf, npages, page_size, ts_off, commit_off, commit_size, data_off, big, info)
+ *       fills info, an int64 array of npages x INFO_COLS (see below), and returns the
+ *       number of events;
+ *   events(buf, npages, ..., big, ts, off, len, tid)
+ *       walks again and writes the events (uint64, int64, int32, uint16 arrays whose
+ *       length is the count pages() returned).
+ *
+ * Plain CPython API and the buffer protocol only: no numpy headers at build time.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TYPE_PADDING 29
+#define TYPE_TIME_EXTEND 30
+#define TYPE_TIME_STAMP 31
+#define DATA_MAX_TYPE_LEN 28
+#define TS_SHIFT 27
+#define MISSED_EVENTS 0x80000000u
+#define MISSED_STORED 0x40000000u
+#define TS_MSB 0xF800000000000000ull
+#define MAX_PAGE_SIZE (1 << 24)
+
+/* Columns of the per-page info array. */
+enum { I_COUNT, I_CODE, I_OFF, I_VAL, I_LOST, I_MISSED, I_TS, INFO_COLS };
+
+typedef struct {
+    Py_ssize_t page_size, ts_off, commit_off, commit_size, data_off;
+    int big;
+} layout_t;
+
+static inline uint32_t rd32(const unsigned char *p, int big)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+#if PY_BIG_ENDIAN
+    if (!big) v = __builtin_bswap32(v);
+#else
+    if (big) v = __builtin_bswap32(v);
+#endif
+    return v;
+}
+
+static inline uint64_t rd64(const unsigned char *p, int big)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if PY_BIG_ENDIAN
+    if (!big) v = __builtin_bswap64(v);
+#else
+    if (big) v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline uint16_t rd16(const unsigned char *p, int big)
+{
+    return big ? (uint16_t)((p[0] << 8) | p[1]) : (uint16_t)(p[0] | (p[1] << 8));
+}
+
+typedef struct {
+    uint64_t *ts;
+    int64_t *off;
+    int32_t *len;
+    uint16_t *tid;
+    Py_ssize_t cap;    /* room left in the outputs */
+} out_t;
+
+/*
+ * One page at buf + pstart (pstart is the page's offset in buf, so offsets written are
+ * offsets in buf).  info gets the page's count, first problem, lost count, flags and
+ * time stamp.  With out, events are written there; returns -1 if they do not fit.
+ */
+static int walk_page(const unsigned char *buf, int64_t pstart, const layout_t *L,
+                     int64_t *info, out_t *out)
+{
+    const unsigned char *page = buf + pstart;
+    const int big = L->big;
+    const int64_t data_size = L->page_size - L->data_off;
+    uint64_t page_ts = rd64(page + L->ts_off, big);
+    uint64_t commit = L->commit_size == 8 ? rd64(page + L->commit_off, big)
+                                          : (uint64_t)rd32(page + L->commit_off, big);
+    commit &= 0xFFFFFFFFull;   /* flags arrive sign-extended on 64-bit guests */
+    uint64_t flags = commit & (MISSED_EVENTS | MISSED_STORED);
+    int64_t size = (int64_t)(commit & ~(uint64_t)(MISSED_EVENTS | MISSED_STORED));
+    int64_t code = 0, poff = 0, pval = 0, lost = 0, count = 0;
+    int bad_commit = size > data_size;
+    int missed = (flags & MISSED_EVENTS) != 0;
+
+    if (bad_commit) {
+        code = 1;
+        poff = pstart + L->commit_off;
+        pval = size;
+        size = 0;
+    }
+    int64_t data_start = pstart + L->data_off;
+    int64_t end = data_start + size;
+    int stored = missed && (flags & MISSED_STORED) && !bad_commit;
+    if (stored) {
+        if (size + L->commit_size <= data_size) {
+            uint64_t v = L->commit_size == 8 ? rd64(buf + end, big)
+                                             : (uint64_t)rd32(buf + end, big);
+            lost = v < (1ull << 62) ? (int64_t)v : (int64_t)(1ull << 62);
+        } else {
+            code = 5;
+            poff = end;
+        }
+    } else if (missed) {
+        lost = -1;
+    }
+
+    if (!bad_commit) {
+        int64_t p = data_start;
+        uint64_t ts = page_ts;
+        while (p < end) {
+            /* p < end <= page end and p is 4-aligned within a 4-aligned page: 4 bytes. */
+            uint32_t h = rd32(buf + p, big);
+            uint32_t tl = big ? h >> 27 : h & 31;
+            uint32_t td = big ? h & 0x7FFFFFF : h >> 5;
+            if (tl >= 1 && tl <= DATA_MAX_TYPE_LEN) {
+                int64_t total = 4 * (int64_t)tl + 4;
+                if (p + total > end) {
+                    code = 3; poff = p; pval = total;
+                    break;
+                }
+                ts += td;
+                if (out) {
+                    if (out->cap <= 0) return -1;
+                    *out->ts++ = ts;
+                    *out->off++ = p + 4;
+                    *out->len++ = (int32_t)(total - 4);
+                    *out->tid++ = rd16(buf + p + 4, big);
+                    out->cap--;
+                }
+                count++;
+                p += total;
+                continue;
+            }
+            if (tl == TYPE_PADDING && td == 0)
+                break;                  /* the rest of the page is unused */
+            if (p + 8 > end) {
+                code = 2; poff = p;
+                break;
+            }
+            uint32_t a0 = rd32(buf + p + 4, big);
+            int64_t a0r = ((int64_t)a0 + 3) & ~(int64_t)3;
+            int64_t total = (tl == 0 || tl == TYPE_PADDING) ? 4 + a0r : 8;
+            if (p + total > end) {
+                code = 3; poff = p; pval = total;
+                break;
+            }
+            int64_t plen = a0r - 4;
+            if (tl == 0 && plen < 2) {
+                code = 4; poff = p; pval = plen;
+                break;
+            }
+            uint64_t long_delta = (uint64_t)td | ((uint64_t)a0 << TS_SHIFT);
+            if (tl == TYPE_TIME_EXTEND) {
+                ts += long_delta;
+            } else if (tl == TYPE_TIME_STAMP) {
+                uint64_t msb = ts & TS_MSB;
+                uint64_t abs_ts = long_delta | msb;
+                if (msb != 0 && abs_ts < ts)
+                    abs_ts += 1ull << 59;
+                ts = abs_ts;
+            } else {
+                ts += td;
+            }
+            if (tl == 0) {
+                if (out) {
+                    if (out->cap <= 0) return -1;
+                    *out->ts++ = ts;
+                    *out->off++ = p + 8;
+                    *out->len++ = (int32_t)plen;
+                    *out->tid++ = rd16(buf + p + 8, big);
+                    out->cap--;
+                }
+                count++;
+            }
+            p += total;
+        }
+    }
+    if (info) {
+        info[I_COUNT] = count;
+        info[I_CODE] = code;
+        info[I_OFF] = poff;
+        info[I_VAL] = pval;
+        info[I_LOST] = lost;
+        info[I_MISSED] = missed;
+        info[I_TS] = (int64_t)page_ts;
+    }
+    return 0;
+}
+
+/* Checks shared by both entry points; sets an exception and returns -1 if bad. */
+static int check_layout(const Py_buffer *buf, Py_ssize_t npages, const layout_t *L)
+{
+    if (L->page_size <= 0 || L->page_size > MAX_PAGE_SIZE || L->page_size % 4) {
+        PyErr_SetString(PyExc_ValueError, "bad page size");
+        return -1;
+    }
+    if (L->commit_size != 4 && L->commit_size != 8) {
+        PyErr_SetString(PyExc_ValueError, "commit size must be 4 or 8");
+        return -1;
+    }
+    if (L->ts_off < 0 || L->commit_off < 0 || L->ts_off + 8 > L->data_off ||
+        L->commit_off + L->commit_size > L->data_off || L->data_off % 4 ||
+        L->data_off >= L->page_size) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent page layout");
+        return -1;
+    }
+    if (npages < 0 || npages > buf->len / L->page_size) {
+        PyErr_SetString(PyExc_ValueError, "more pages than the buffer holds");
+        return -1;
+    }
+    return 0;
+}
+
+static int need(const Py_buffer *b, Py_ssize_t bytes, const char *what)
+{
+    if (b->len < bytes) {
+        PyErr_Format(PyExc_ValueError, "%s output too small", what);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *walk_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, info;
+    Py_ssize_t npages;
+    layout_t L;
+    if (!PyArg_ParseTuple(args, "y*nnnnnnpw*", &buf, &npages, &L.page_size, &L.ts_off,
+                          &L.commit_off, &L.commit_size, &L.data_off, &L.big, &info))
+        return NULL;
+    PyObject *res = NULL;
+    if (check_layout(&buf, npages, &L) < 0 ||
+        need(&info, npages * INFO_COLS * (Py_ssize_t)sizeof(int64_t), "info") < 0)
+        goto done;
+    {
+        int64_t total = 0;
+        int64_t *inf = (int64_t *)info.buf;
+        const unsigned char *b = (const unsigned char *)buf.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < npages; i++) {
+            int64_t row[INFO_COLS];
+            walk_page(b, (int64_t)i * L.page_size, &L, row, NULL);
+            memcpy(inf + i * INFO_COLS, row, sizeof row);
+            total += row[I_COUNT];
+        }
+        Py_END_ALLOW_THREADS
+        res = PyLong_FromLongLong(total);
+    }
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&info);
+    return res;
+}
+
+static PyObject *walk_events(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, ts, off, len, tid;
+    Py_ssize_t npages, n;
+    layout_t L;
+    if (!PyArg_ParseTuple(args, "y*nnnnnnpnw*w*w*w*", &buf, &npages, &L.page_size, &L.ts_off,
+                          &L.commit_off, &L.commit_size, &L.data_off, &L.big, &n,
+                          &ts, &off, &len, &tid))
+        return NULL;
+    PyObject *res = NULL;
+    if (check_layout(&buf, npages, &L) < 0)
+        goto done;
+    if (n < 0 || need(&ts, n * 8, "ts") < 0 || need(&off, n * 8, "offset") < 0 ||
+        need(&len, n * 4, "length") < 0 || need(&tid, n * 2, "type_id") < 0)
+        goto done;
+    {
+        out_t o = {(uint64_t *)ts.buf, (int64_t *)off.buf, (int32_t *)len.buf,
+                   (uint16_t *)tid.buf, n};
+        const unsigned char *b = (const unsigned char *)buf.buf;
+        int overflow = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < npages && !overflow; i++)
+            overflow = walk_page(b, (int64_t)i * L.page_size, &L, NULL, &o) < 0;
+        Py_END_ALLOW_THREADS
+        if (overflow || o.cap != 0) {
+            PyErr_SetString(PyExc_ValueError, "event count differs from the counting pass");
+            goto done;
+        }
+        res = PyLong_FromSsize_t(n);
+    }
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&ts);
+    PyBuffer_Release(&off);
+    PyBuffer_Release(&len);
+    PyBuffer_Release(&tid);
+    return res;
+}
+
+static PyMethodDef methods[] = {
+    {"pages", walk_pages, METH_VARARGS,
+     "pages(buf, npages, page_size, ts_off, commit_off, commit_size, data_off, big, info)"
+     " -> events: per-page count, problem, lost count, flags, time stamp into info"},
+    {"events", walk_events, METH_VARARGS,
+     "events(buf, npages, page_size, ts_off, commit_off, commit_size, data_off, big, n,"
+     " ts, off, len, tid) -> n: the events of every page"},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "vmtrace.format._walk",
+    "Ring-buffer page walk in C (the numpy walk in ringbuffer.py is its oracle).", -1, methods
+};
+
+PyMODINIT_FUNC PyInit__walk(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "INFO_COLS", INFO_COLS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
