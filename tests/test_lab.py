@@ -92,6 +92,68 @@ def test_image_is_cached_by_its_inputs():
     assert {"intloop", "pingpong"} <= set(first.manifest["workloads"])
 
 
+def test_bytecode_is_used_whatever_the_source_mtime(tmp_path):
+    """Unchecked-hash .pyc: the guest's sources have mtime 0 and it writes no bytecode."""
+    py = pyruntime.collect()
+    src = tmp_path / "pkg" / "labmod.py"
+    src.parent.mkdir()
+    src.write_text("X = 1\n")
+    pycs, summary = pyruntime.compile_bytecode(py, [(str(src), src)], tmp_path / "out")
+    assert summary["failed"] == [] and len(pycs) == 1
+    guest_pyc, built = pycs[0]
+    assert guest_pyc == str(src.parent / "__pycache__" / f"labmod.{py.cache_tag}.pyc")
+    assert int.from_bytes(built.read_bytes()[4:8], "little") == 0b01   # hash, unchecked
+    Path(guest_pyc).parent.mkdir()
+    Path(guest_pyc).write_bytes(built.read_bytes())
+    src.write_text("X = 2\n")                   # same size; as in the initramfs, mtime 0
+    os.utime(src, (0, 0))
+    out = subprocess.run([str(py.executable), "-S", "-c", "import labmod; print(labmod.X)"],
+                         cwd=src.parent, env={"PYTHONDONTWRITEBYTECODE": "1"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "1"
+
+
+def _cpio_list(img) -> list:
+    with open(img.initrd, "rb") as f:
+        return subprocess.run(["cpio", "-it", "--quiet"], stdin=f, capture_output=True,
+                              timeout=60, check=True).stdout.decode().split()
+
+
+def _cpio_extract(img, dest, *names) -> None:
+    with open(img.initrd, "rb") as f:
+        subprocess.run(["cpio", "-id", "--quiet", *names], stdin=f, cwd=dest, timeout=60,
+                       check=True, capture_output=True)
+
+
+def test_image_ships_bytecode_for_its_python_and_the_agent(tmp_path):
+    img = lab_image()
+    py = pyruntime.collect()
+    names = _cpio_list(img)
+    have = set(names)
+    stdlib_py = [n for n in names if n.endswith(".py") and not n.startswith("lab/")]
+    assert stdlib_py
+    missing = [n for n in stdlib_py
+               if pyruntime.pyc_path(n, py.cache_tag) not in have]
+    assert missing == []
+    assert img.manifest["python"]["bytecode"]["failed"] == 0
+    assert not any(n.endswith("/sitecustomize.py") for n in names)
+    os_pyc = next(n for n in names if n.endswith(f"/__pycache__/os.{py.cache_tag}.pyc"))
+    # the agent: unpacked with __pycache__, and the zipapp with NAME.pyc beside each module
+    assert "lab/agent/__main__.py" in have
+    assert f"lab/agent/vmtrace/agent/__pycache__/core.{py.cache_tag}.pyc" in have
+    _cpio_extract(img, tmp_path, "lab/agent.pyz", os_pyc)
+    assert int.from_bytes((tmp_path / os_pyc).read_bytes()[4:8], "little") == 0b01
+    pyz = tmp_path / "lab" / "agent.pyz"
+    probe = ("import sys, zipimport; z = zipimport.zipimporter(sys.argv[1] + '/vmtrace/agent/');"
+             "print(z.get_filename('vmtrace.agent.core'))")
+    out = subprocess.run([str(py.executable), "-c", probe, str(pyz)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.strip().endswith("core.pyc"), out.stderr
+    run = subprocess.run([str(py.executable), str(pyz), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and "usage:" in run.stdout
+
+
 def test_lab_run_rejects_bad_input_in_one_line(capsys):
     assert cli_main(["lab", "run", "--seconds", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -109,6 +171,9 @@ def test_guest_boots_with_named_ports_cpus_python_and_tracefs(tmp_path):
 for p in /dev/virtio-ports/*; do echo "port ${p##*/}"; done
 echo "nproc $(grep -c ^processor /proc/cpuinfo)"
 python3 -c 'import sys; print("python", sys.version_info[0], sys.version_info[1])'
+echo "bytecode $(python3 -v -c 'import json' 2>&1 | grep -c 'json/__pycache__/__init__.*pyc matches')"
+echo "agent $(python3 /lab/agent.pyz --help | head -n 1)"
+echo "agentdir $(python3 /lab/agent --help | head -n 1)"
 T=/sys/kernel/tracing
 echo 1 > $T/events/sched/sched_switch/enable
 echo 1 > $T/tracing_on
@@ -128,6 +193,9 @@ exit 7
     assert ports == ["agent-ctl-path", "trace-path-cpu0", "trace-path-cpu1"]
     assert "nproc 2" in lines
     assert "python 3" in " ".join(lines)
+    assert "bytecode 1" in lines                 # the stdlib loads from its .pyc
+    assert any(l.startswith("agent usage:") for l in lines)
+    assert any(l.startswith("agentdir usage:") for l in lines)
     switches = [int(l.split()[1]) for l in lines if l.startswith("switches ")]
     assert switches and switches[0] > 10
     assert any(l.startswith("clock ") and "[" in l for l in lines)

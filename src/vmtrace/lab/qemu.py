@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Optional
 
 from vmtrace.errors import VmtraceError
 from vmtrace.lab import cpio
-from vmtrace.lab.image import LabImage, cache_root
+from vmtrace.lab.image import LabImage, cache_root, touch_used
 
 QEMU = "qemu-system-x86_64"
 _PR_SET_PDEATHSIG = 1
@@ -84,7 +84,13 @@ def overlay_archive(script: str, files: Optional[dict[str, bytes]] = None) -> by
 def make_initrd(image: LabImage, dest: Path, script: str,
                 files: Optional[dict[str, bytes]] = None) -> Path:
     """The cached image with this run's script appended (the kernel unpacks both)."""
-    with open(dest, "wb") as out, open(image.initrd, "rb") as base:
+    touch_used(image.initrd.parent)
+    try:
+        base = open(image.initrd, "rb")
+    except FileNotFoundError:
+        raise VmtraceError(f"the guest image {image.initrd.parent} is gone from the cache "
+                           "(removed by hand?); build_image() makes it again") from None
+    with base, open(dest, "wb") as out:
         shutil.copyfileobj(base, out, 1 << 20)
         pad = (-out.tell()) % 4
         out.write(b"\0" * pad + overlay_archive(script, files))
@@ -123,7 +129,9 @@ def resolve_accel(image: LabImage, accel: str = "auto", probe_timeout: float = 1
         pass
     ok = probe_kvm(image, timeout=probe_timeout)
     memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps({"key": key, "accel": "kvm" if ok else "tcg"}))
+    tmp = memo.with_name(f"{memo.name}.{os.getpid()}")     # readers never see half a file
+    tmp.write_text(json.dumps({"key": key, "accel": "kvm" if ok else "tcg"}))
+    os.replace(tmp, memo)
     return "kvm" if ok else "tcg"
 
 
@@ -177,7 +185,7 @@ class Guest:
                                "-chardev", f"file,id=vmtlabf,path={self.files_out}",
                                "-device", "virtserialport,bus=vmtlab.0,nr=1,chardev=vmtlabf,"
                                "name=vmtrace-lab-files"]
-        initrd = make_initrd(image, self.workdir / "initrd.gz", script, files)
+        initrd = make_initrd(image, self.workdir / "initrd.img", script, files)
         cmdline = kernel_cmdline(self.nonce, count_serial_ports(self.qemu_args), append)
         accel_args = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
             ["-accel", "tcg,thread=multi"]
