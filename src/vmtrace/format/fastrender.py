@@ -242,7 +242,7 @@ def _dyn_strings(seg: "_Seg", rows: np.ndarray, offs: np.ndarray, lens: np.ndarr
     longest = int(length.max()) if n else 0
     if longest == 0:
         return ("str", np.zeros(n, "S1")), bad
-    if n * longest <= 1 << 22:
+    if n * longest <= 1 << 22 and int(absolute.max()) + longest <= seg.raw.shape[0]:
         block = seg.window(longest)[absolute]
         block[np.arange(longest)[None, :] >= length[:, None]] = 0
         return ("str", block.view("S%d" % longest).reshape(n)), bad
@@ -847,11 +847,15 @@ class FastReport:
         for seg, t, P in groups:
             ty = self._type(t)
             gr = None
-            if ty.bulk and ty.fmt is not None:
+            bulk = ty.bulk
+            if bulk and ty.fmt is not None:
                 b = seg.batch
                 E = codes[P]
-                gr = _Group(seg, b.offset[E], b.length[E].astype(np.int64), ty)
-            gathered.append((seg, ty, P, gr))
+                try:
+                    gr = _Group(seg, b.offset[E], b.length[E].astype(np.int64), ty)
+                except (ValueError, TypeError, IndexError):
+                    bulk = False
+            gathered.append((seg, ty, P, gr, bulk))
             if ty.reg is not None:
                 regs.append(self._registrations(seg, ty, P, codes, gr))
         newly = self._learn(regs) if regs else {}
@@ -865,9 +869,9 @@ class FastReport:
             us = (ts + _U64(500)) // _U64(1000)
             secs, usecs = us // _U64(1000000), us % _U64(1000000)
         # 4. lines
-        for seg, ty, P, gr in gathered:
+        for seg, ty, P, gr, bulk in gathered:
             lines = None
-            if ty.bulk:
+            if bulk:
                 try:
                     lines = self._bulk_lines(seg, ty, P, gr, heads, secs, usecs, codes)
                 except (ValueError, TypeError, OverflowError, KeyError, IndexError, ZeroDivisionError):
