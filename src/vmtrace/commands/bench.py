@@ -144,11 +144,15 @@ def decode_cmd(trace: Path, reps: int, out: Optional[Path]) -> None:
 @click.option("--seconds", type=float, default=None, help="Length of each run.")
 @click.option("--reps", type=int, default=None, help="Repetitions.")
 @click.option("--quick", is_flag=True, help="A short run.")
+@click.option("--guests", type=click.IntRange(1, 64), default=None, help="Guests (producer processes), default 8.")
+@click.option("--streams", type=click.IntRange(1, 64), default=None, help="Streams (vCPUs) per guest, default 8.")
+@click.option("--rate", "rate_mb_s", type=float, default=None, help="Aggregate offered MB/s, default 1100.")
 @_out_option
-def drain_cmd(seconds: Optional[float], reps: Optional[int], quick: bool, out: Optional[Path]) -> None:
+def drain_cmd(seconds: Optional[float], reps: Optional[int], quick: bool, guests: Optional[int],
+              streams: Optional[int], rate_mb_s: Optional[float], out: Optional[Path]) -> None:
     """Host drain loop against one `cat` per FIFO."""
     _emit(_call_run("vmtrace.bench.drain", "drain", seconds=seconds, reps=reps, quick=quick or None,
-                    progress=_say()), "drain", out)
+                    guests=guests, streams=streams, rate_mb_s=rate_mb_s, progress=_say()), "drain", out)
 
 
 if __name__ == "__main__":  # pragma: no cover
