@@ -363,3 +363,39 @@ def test_cli_ctrl_c_writes_host_dat(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vmtrace", "record", "no-such-guest", "--dir", str(tmp_path),
                           "-o", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("vmtrace: error:") and "Traceback" not in bad.stderr
+
+
+def test_merge_cmdlines_prefers_the_end_and_keeps_evicted_pids():
+    from vmtrace.host.session import merge_cmdlines
+
+    merged = merge_cmdlines(b"1 init\n20 gone-early\n30 sh\n", b"30 intloop\n40 pingpong\n")
+    assert merged.splitlines() == [b"1 init", b"20 gone-early", b"30 intloop", b"40 pingpong"]
+
+
+@pytest.mark.tracefs
+@pytest.mark.oracle
+def test_task_started_during_recording_keeps_its_name(tmp_path):
+    """saved_cmdlines is taken again after the stop, so late tasks are not `<...>`."""
+    import shutil
+
+    late = tmp_path / "vmtlatecomer"
+    shutil.copy("/bin/sleep", late)
+    lay = prepare("g1", 2, str(tmp_path / "guests"))
+    agent = _start_agent(lay, tmp_path)
+
+    def start_late() -> None:
+        time.sleep(0.8)  # after the start order
+        for _ in range(5):
+            subprocess.run([str(late), "0.02"], check=True)
+
+    t = threading.Thread(target=start_late, daemon=True)
+    t.start()
+    record([lay.path], outdir=str(tmp_path / "out"), duration=2.0,
+           events=["sched:sched_switch", "sched:sched_process_exec"], kallsyms=False)
+    t.join()
+    _finish(agent)
+    text = subprocess.run(["trace-cmd", "report", "-i", str(tmp_path / "out" / "g1.dat")],
+                          capture_output=True, text=True, check=True).stdout
+    lines = [ln for ln in text.splitlines() if "sched_process_exec" in ln and "vmtlatecomer" in ln]
+    assert lines, "the late task's exec was not recorded"
+    assert all(ln.split()[0].startswith("vmtlatecomer-") for ln in lines), lines[:3]

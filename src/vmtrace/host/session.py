@@ -223,7 +223,10 @@ class Session:
             self._accept(g, time.monotonic() + self.opts.connect_timeout)
         link = g.link
         assert link is not None
-        timeout = self.opts.hello_timeout + (10.0 if g.process else 0.0)
+        # Without --formats a silent agent is an error anyway, so give a slow-starting
+        # guest (Python under TCG takes seconds) the whole connect timeout to answer.
+        wait = self.opts.hello_timeout if self.opts.formats_dir else self.opts.connect_timeout
+        timeout = wait + (10.0 if g.process else 0.0)
         hello = link.call("hello", timeout, version=protocol.VERSION, host=os.uname().nodename)
         if hello is None or hello.name != "hello":
             self._plain_setup(g)
@@ -411,6 +414,8 @@ class Session:
                 g.problems.append("no acknowledgement of the stop order")
         self.stopped_ns = time.monotonic_ns()
         for g in live:
+            self._refresh_cmdlines(g)
+        for g in live:
             g.state = "stopped"
             # Sockets: the guest runs on and so does its agent; closing the control
             # socket tells it we left, and the next `vmtrace record` finds it again.
@@ -423,6 +428,28 @@ class Session:
                 g.orders.append(["bye", t0, time.monotonic_ns() if rep is not None else None])
                 if rep is not None and isinstance(rep.get("stats"), dict):
                     g.agent_stats = rep.fields["stats"]
+
+    def _refresh_cmdlines(self, g: Guest) -> None:
+        """Take the guest's saved_cmdlines again after the stop, as trace-cmd does.
+
+        Tasks started during the recording are only in the list at the end; tasks that
+        exited early may have been evicted from it, so the start's entries are kept for
+        pids the end no longer names.
+        """
+        if not g.framed or g.link is None or g.link.eof:
+            return
+        rep = g.link.call("metadata", 30.0, kallsyms=False)
+        if rep is None or rep.name != "metadata" or len(rep.blob) > self.opts.max_metadata:
+            g.problems.append("could not refresh saved_cmdlines after the stop")
+            return
+        try:
+            files = check_metadata(g.name, protocol.unpack_files(rep), self.opts.max_metadata)
+        except VmtraceError as exc:
+            g.problems.append("saved_cmdlines after the stop: %s" % exc)
+            return
+        end = files.get("saved_cmdlines")
+        if end is not None:
+            g.metadata["saved_cmdlines"] = merge_cmdlines(g.metadata.get("saved_cmdlines", b""), end)
 
     def _close(self, g: Guest) -> None:
         for s in g.listeners.values():
@@ -528,3 +555,19 @@ def record(guests: Sequence[str], outdir: Optional[str] = None, duration: Option
     """
     opts = Options(outdir=outdir, duration=duration, events=events, **options)
     return Session(guests, opts, progress=progress, stop=stop).run()
+
+
+def merge_cmdlines(start: bytes, end: bytes) -> bytes:
+    """saved_cmdlines from the end of a recording, plus start entries for other pids."""
+    def pids(text: bytes) -> Dict[bytes, bytes]:
+        out: Dict[bytes, bytes] = {}
+        for line in text.splitlines():
+            pid, _, comm = line.strip().partition(b" ")
+            if pid.isdigit() and comm:
+                out[pid] = line.strip()
+        return out
+
+    later = pids(end)
+    kept = [line for pid, line in pids(start).items() if pid not in later]
+    lines = kept + list(later.values())
+    return b"".join(line + b"\n" for line in lines)
