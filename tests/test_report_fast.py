@@ -229,6 +229,12 @@ def test_fast_and_per_event_identical_to_trace_cmd(traces, which):
         assert len(a) == len(b) and len(diff) <= 0.001 * len(a), diff[:5]
     if which == "dropped":
         assert b"EVENTS DROPPED]" in fast
+    from vmtrace.format.fastrender import FastReport
+    with api.open(path) as t:
+        fr = FastReport(t, [b for b in t.source.buffers if any(c.size for c in b.cpus)][0])
+        for _ in fr.blocks():
+            pass
+    assert fr.counts["per_event"] <= 0.01 * fr.counts["bulk"], fr.counts
 
 
 @pytest.mark.tracefs
@@ -275,3 +281,13 @@ def test_equal_timestamps_across_batches_go_to_the_lower_cpu():
     assert fast == slow
     cpus = [line.split(b"[")[1][:3] for line in slow.splitlines()[1:]]
     assert cpus[:2 * 5] == [b"000"] * 10     # CPU 0's first two batches share the time
+
+
+def test_bulk_path_is_taken():
+    """Equality alone would not notice the bulk path quietly falling back everywhere."""
+    from vmtrace.format.fastrender import FastReport
+    tr = FakeTrace(_random_batches(2))
+    fr = FastReport(tr, tr.source.buffers[0])
+    lines = sum(b.count(b"\n") for b in fr.blocks())
+    # per event: short payloads (~3 %), rows of groups hit by them, and nothing else
+    assert fr.counts["bulk"] >= 0.8 * lines, fr.counts

@@ -596,10 +596,15 @@ class _Type:
         self.prefix = prefix.replace("%", "%%")
         self.bulk = True
 
-    def line_fmt(self, cpu: int) -> bytes:
-        f = self.fmts.get(cpu)
+    def line_fmt(self, cpu: int, text_time: bool) -> bytes:
+        """The line as a bytes %-format: head, time (text, or seconds and microseconds),
+        then the event's own arguments."""
+        f = self.fmts.get((cpu, text_time))
         if f is None:
-            f = self.fmts[cpu] = self.line_fmt_str(cpu).encode("utf-8", "surrogateescape")
+            t = "%s" if text_time else "%5d.%06d"
+            f = self.fmts[(cpu, text_time)] = (
+                "%s%%s [%03d] %s: %s" % (self.prefix, cpu, t, self.tail)
+            ).encode("utf-8", "surrogateescape")
         return f
 
     def line_fmt_str(self, cpu: int) -> str:
@@ -705,6 +710,7 @@ class FastReport:
         self.pid_off, self.pid_size = _pid_field(trace.catalog)
         self.after_drop: set = set()
         self.cpus = cpus
+        self.counts = {"bulk": 0, "per_event": 0}   # lines each way (tests, tuning)
 
     # -- items of one batch -------------------------------------------------------
     def _segment(self, b: Any, cpu: int, st: _Stream) -> Optional[_Seg]:
@@ -862,22 +868,19 @@ class FastReport:
         # 2. the comm-pid column
         heads = self._heads(pid, is_ev, newly)
         # 3. time columns
-        if ts.shape[0] and int(ts.max()) > M64 - 1000:
-            us = np.array([(int(x) + 500) // 1000 for x in ts.tolist()], dtype=object)
-            secs, usecs = us // 1000000, us % 1000000
-        else:
-            us = (ts + _U64(500)) // _U64(1000)
-            secs, usecs = us // _U64(1000000), us % _U64(1000000)
+        times = _Times(ts)
         # 4. lines
         for seg, ty, P, gr, bulk in gathered:
             lines = None
             if bulk:
                 try:
-                    lines = self._bulk_lines(seg, ty, P, gr, heads, secs, usecs, codes)
+                    lines = self._bulk_lines(seg, ty, P, gr, heads, times, codes)
                 except (ValueError, TypeError, OverflowError, KeyError, IndexError, ZeroDivisionError):
                     lines = None
             if lines is None:
-                lines = self._slow_lines(seg, ty, P, codes, heads, secs, usecs)
+                lines = self._slow_lines(seg, ty, P, codes, heads, times)
+            else:
+                self.counts["bulk"] += len(lines)
             out[P] = lines
         # 5. lost-event markers; the next event of that CPU carries no buffer prefix
         mk = np.flatnonzero(~is_ev)
@@ -887,28 +890,30 @@ class FastReport:
                 "utf-8", "surrogateescape")
         if self.prefix and (mk.shape[0] or self.after_drop):
             self._strip_after_drop(out, cpu, is_ev, mk)
-        return b"\n".join(out.tolist()) + b"\n"
+        lines = out.tolist()
+        lines.append(b"")
+        return b"\n".join(lines)
 
     def _bulk_lines(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: Optional[_Group],
-                    heads: np.ndarray, secs: np.ndarray, usecs: np.ndarray,
-                    codes: np.ndarray) -> Optional[list]:
+                    heads: np.ndarray, times: "_Times", codes: np.ndarray) -> Optional[list]:
         if gr is None:     # unknown event: header only
-            F = ty.line_fmt(seg.cpu)
-            return list(map(F.__mod__, zip(heads[P].tolist(), secs[P].tolist(), usecs[P].tolist())))
+            F = ty.line_fmt(seg.cpu, times.text is not None)
+            return list(map(F.__mod__, zip(heads[P].tolist(), *times.cols(P))))
         if gr.bad.any():
-            return None if gr.bad.all() else self._mixed(seg, ty, P, gr, heads, secs, usecs, codes)
-        return self._format(seg, ty, P, gr, heads, secs, usecs)
+            return None if gr.bad.all() else self._mixed(seg, ty, P, gr, heads, times, codes)
+        return self._format(seg, ty, P, gr, heads, times)
 
     def _format(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: _Group, heads: np.ndarray,
-                secs: np.ndarray, usecs: np.ndarray) -> list:
-        hl, sl, ul = heads[P].tolist(), secs[P].tolist(), usecs[P].tolist()
+                times: "_Times") -> list:
+        hl = heads[P].tolist()
         try:
             cols = [a.column(gr, c) for a, c in zip(ty.args, ty.convs)]
-            F = ty.line_fmt(seg.cpu)
-            return list(map(F.__mod__, zip(hl, sl, ul, *cols)))
+            F = ty.line_fmt(seg.cpu, times.text is not None)
+            return list(map(F.__mod__, zip(hl, *times.cols(P), *cols)))
         except _NotAscii:
             pass
         # padded non-ASCII text: pad characters, as the per-event renderer does
+        sl, ul = times.ints(P)
         cols = [a.column(gr, None) for a in ty.args]
         Fs = ty.line_fmt_str(seg.cpu)
         hs = [h.decode("utf-8", "surrogateescape") for h in hl]
@@ -916,7 +921,7 @@ class FastReport:
                 for line in map(Fs.__mod__, zip(hs, sl, ul, *cols))]
 
     def _mixed(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: _Group, heads: np.ndarray,
-               secs: np.ndarray, usecs: np.ndarray, codes: np.ndarray) -> list:
+               times: "_Times", codes: np.ndarray) -> list:
         """Some rows too short for bulk: render the good ones in bulk, the rest per event."""
         good = ~gr.bad
         sub = _Group.__new__(_Group)
@@ -924,13 +929,14 @@ class FastReport:
         sub.bad = np.zeros(sub.n, bool)
         sub.cols = {k: (c[0], c[1][good]) for k, c in gr.cols.items()}
         res = np.empty(P.shape[0], dtype=object)
-        res[good] = self._format(seg, ty, P[good], sub, heads, secs, usecs)
-        res[gr.bad] = self._slow_lines(seg, ty, P[gr.bad], codes, heads, secs, usecs)
+        res[good] = self._format(seg, ty, P[good], sub, heads, times)
+        res[gr.bad] = self._slow_lines(seg, ty, P[gr.bad], codes, heads, times)
         return res.tolist()
 
     def _slow_lines(self, seg: _Seg, ty: _Type, P: np.ndarray, codes: np.ndarray,
-                    heads: np.ndarray, secs: np.ndarray, usecs: np.ndarray) -> list:
+                    heads: np.ndarray, times: "_Times") -> list:
         """The per-event renderer, for what bulk rendering does not cover."""
+        self.counts["per_event"] += P.shape[0]
         b = seg.batch
         E = codes[P].tolist()
         data = memoryview(b.data)
@@ -939,7 +945,7 @@ class FastReport:
         c = seg.cpu
         out = []
         hl = [h.decode("utf-8", "surrogateescape") for h in heads[P].tolist()]
-        sl, ul = secs[P].tolist(), usecs[P].tolist()
+        sl, ul = times.ints(P)
         if fmt is None:
             for h, s, u in zip(hl, sl, ul):
                 out.append("%s%s [%03d] %5d.%06d: [UNKNOWN EVENT]" % (pre, h, c, s, u))
@@ -1041,6 +1047,59 @@ class FastReport:
                 self.after_drop.discard(c)
             else:
                 self.after_drop.add(c)
+
+
+class _Times:
+    """The time column (``%5lu.%06lu`` of the rounded microseconds) of a render step.
+
+    When every second count has the same printed width, the text is built with numpy
+    digit arithmetic and formatted as one ``%s``; otherwise as two integers."""
+
+    def __init__(self, ts: np.ndarray):
+        n = ts.shape[0]
+        self.text: Optional[np.ndarray] = None
+        if n and int(ts.max()) > M64 - 1000:
+            us = np.array([(int(x) + 500) // 1000 for x in ts.tolist()], dtype=object)
+            self.secs, self.usecs = us // 1000000, us % 1000000
+            return
+        us = (ts + _U64(500)) // _U64(1000)
+        secs, usecs = us // _U64(1000000), us % _U64(1000000)
+        self.secs, self.usecs = secs, usecs
+        if not n:
+            return
+        lo, hi = len(str(int(secs.min()))), len(str(int(secs.max())))
+        width = max(5, hi)
+        if max(5, lo) != width:
+            return
+        m = np.empty((n, width + 7), np.uint8)
+        m[:, width] = 46
+        u = usecs.astype(np.uint32)
+        ten = np.uint32(10)
+        for k in range(6):
+            u, d = np.divmod(u, ten)
+            m[:, width + 6 - k] = d
+        m[:, width + 1:] += 48
+        s = secs
+        ten64 = np.uint64(10)
+        for k in range(width):
+            if k and not s.any():
+                m[:, :width - k] = 32
+                break
+            s, d = np.divmod(s, ten64)
+            m[:, width - 1 - k] = d + 48
+            if k:
+                lead = (s == 0) & (d == 0)
+                if lead.any():
+                    m[lead, width - 1 - k] = 32
+        self.text = m.view("S%d" % (width + 7)).reshape(n)
+
+    def cols(self, P: np.ndarray) -> list:
+        if self.text is not None:
+            return [self.text[P].tolist()]
+        return [self.secs[P].tolist(), self.usecs[P].tolist()]
+
+    def ints(self, P: np.ndarray) -> Tuple[list, list]:
+        return self.secs[P].tolist(), self.usecs[P].tolist()
 
 
 def _unique_small(v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
