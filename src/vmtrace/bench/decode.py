@@ -48,24 +48,13 @@ def decode_cpu_columns(tr: Any, cpu: int, sink: Optional[Callable[[Any, Dict[str
     when asked, :func:`vmtrace.format.events.text_column`), other variable-length
     fields as object arrays. ``sink(fmt, columns)`` receives each part (default: drop).
     """
+    from vmtrace.format.events import batch_columns
     n = 0
     for batch in tr.batches(cpu):
         n += len(batch)
-        tids = batch.type_id
-        if not len(batch):
-            continue
-        # Group rows by type once (a stable sort), instead of one scan per type.
-        order = np.argsort(tids, kind="stable")
-        sorted_t = tids[order]
-        edges = np.flatnonzero(np.diff(sorted_t)) + 1
-        bounds = [0, *edges.tolist(), len(order)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            fmt = tr.catalog.get(int(sorted_t[a]))
-            if fmt is None:
-                continue
-            sel = order[a:b]
-            cols = fmt.columns(batch, sel, common=True, keep_going=tr.keep_going,
-                               strings="bytes")
+        # Every type of the chunk in one pass (grouped by type, ascending ids).
+        for fmt, sel, cols in batch_columns(batch, tr.catalog, common=True,
+                                            keep_going=tr.keep_going, strings="bytes"):
             cols["ts"] = batch.ts[sel]
             if sink is not None:
                 sink(fmt, cols)

@@ -16,6 +16,8 @@
  *       walks again and writes the events (uint64, int64, int32, uint16 arrays whose
  *       length is the count pages() returned).
  *
+ * and gather(), the fixed-field columns of EventFormat.columns_at (see below).
+ *
  * Plain CPython API and the buffer protocol only: no numpy headers at build time.
  */
 #define PY_SSIZE_T_CLEAN
@@ -239,6 +241,7 @@ static int need(const Py_buffer *b, Py_ssize_t bytes, const char *what)
 
 static PyObject *walk_pages(PyObject *self, PyObject *args)
 {
+    (void)self;
     Py_buffer buf, info;
     Py_ssize_t npages;
     layout_t L;
@@ -271,6 +274,7 @@ done:
 
 static PyObject *walk_events(PyObject *self, PyObject *args)
 {
+    (void)self;
     Py_buffer buf, ts, off, len, tid;
     Py_ssize_t npages, n;
     layout_t L;
@@ -308,6 +312,289 @@ done:
     return res;
 }
 
+/*
+ * gather(data, offs, lens, span, specs) -> n
+ *
+ * Fixed-position payload fields of n events into columns.  offs (int64) and lens
+ * (int32) give each payload in data; specs is a sequence of (field offset, size, kind,
+ * out) with out a writable buffer of n * size bytes.  kind 0 copies the field's bytes
+ * (integers keep the payload's byte order: the caller's dtype says which), kind 1 is a
+ * char[N]: bytes from the first NUL on are cleared.  A payload shorter than span (or
+ * not inside data) gives a zero row; the caller decides whether that is an error.
+ */
+#define MAX_SPECS 1024
+
+typedef struct {
+    Py_ssize_t foff, size;
+    int kind;
+    unsigned char *out;
+} spec_t;
+
+static inline void copy_field(unsigned char *dst, const unsigned char *src, Py_ssize_t size)
+{
+    switch (size) {
+    case 1: *dst = *src; break;
+    case 2: memcpy(dst, src, 2); break;
+    case 4: memcpy(dst, src, 4); break;
+    case 8: memcpy(dst, src, 8); break;
+    case 16: memcpy(dst, src, 16); break;
+    default: memcpy(dst, src, (size_t)size);
+    }
+}
+
+/* char[N]: clear from the first NUL on (short strings: a plain loop beats memchr). */
+static inline void cut_at_nul(unsigned char *s, Py_ssize_t size)
+{
+    for (Py_ssize_t j = 0; j < size; j++) {
+        if (s[j] == 0) {
+            memset(s + j, 0, (size_t)(size - j));
+            return;
+        }
+    }
+}
+
+static PyObject *gather(PyObject *self, PyObject *args)
+{
+    Py_buffer data, offs, lens;
+    Py_ssize_t span;
+    PyObject *specs_obj, *seq = NULL, *res = NULL;
+    Py_buffer outs[MAX_SPECS];
+    spec_t specs[MAX_SPECS];
+    Py_ssize_t nspec = 0, got = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*nO", &data, &offs, &lens, &span, &specs_obj))
+        return NULL;
+    Py_ssize_t n = offs.len / 8;
+    if (offs.len % 8 || lens.len != n * 4 || span < 0) {
+        PyErr_SetString(PyExc_ValueError, "offsets (int64) and lengths (int32) differ");
+        goto done;
+    }
+    seq = PySequence_Fast(specs_obj, "specs must be a sequence");
+    if (!seq)
+        goto done;
+    nspec = PySequence_Fast_GET_SIZE(seq);
+    if (nspec > MAX_SPECS) {
+        PyErr_SetString(PyExc_ValueError, "too many fields");
+        goto done;
+    }
+    for (got = 0; got < nspec; got++) {
+        spec_t *sp = &specs[got];
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, got);
+        if (!PyArg_ParseTuple(item, "nniw*", &sp->foff, &sp->size, &sp->kind, &outs[got]))
+            goto done;
+        sp->out = (unsigned char *)outs[got].buf;
+        if (sp->foff < 0 || sp->size <= 0 || sp->foff + sp->size > span ||
+            (sp->kind != 0 && sp->kind != 1) || outs[got].len < n * sp->size) {
+            got++;
+            PyErr_SetString(PyExc_ValueError, "bad field spec or output too small");
+            goto done;
+        }
+    }
+    {
+        const unsigned char *d = (const unsigned char *)data.buf;
+        const int64_t *o = (const int64_t *)offs.buf;
+        const int32_t *l = (const int32_t *)lens.buf;
+        const int64_t dlen = data.len;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t off = o[i];
+            int ok = off >= 0 && l[i] >= span && off <= dlen - span;
+            const unsigned char *row = d + (ok ? off : 0);
+            for (Py_ssize_t k = 0; k < nspec; k++) {
+                const spec_t *sp = &specs[k];
+                unsigned char *dst = sp->out + i * sp->size;
+                if (!ok) {
+                    memset(dst, 0, (size_t)sp->size);
+                    continue;
+                }
+                const unsigned char *src = row + sp->foff;
+                copy_field(dst, src, sp->size);
+                if (sp->kind == 1)
+                    cut_at_nul(dst, sp->size);
+            }
+        }
+        Py_END_ALLOW_THREADS
+        res = PyLong_FromSsize_t(n);
+    }
+done:
+    for (Py_ssize_t k = 0; k < got; k++)
+        PyBuffer_Release(&outs[k]);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&lens);
+    return res;
+}
+
+/*
+ * gather_types(data, offs, lens, tids, plans) -> rows written
+ *
+ * gather() for every event type of a batch in one pass in stream order (sequential
+ * reads of the chunk instead of one scattered pass per type).  plans is a sequence of
+ * (type id, span, sel, specs): sel (int64, one slot per event of that type) receives
+ * the event's index in the batch, specs are as for gather() with one row per event of
+ * that type.  Events of types without a plan are skipped.
+ */
+typedef struct {
+    Py_ssize_t span, cap, next, first_spec, nspec;
+    int64_t *sel;
+} tplan_t;
+
+static PyObject *gather_types(PyObject *self, PyObject *args)
+{
+    Py_buffer data, offs, lens, tids;
+    PyObject *plans_obj, *seq = NULL, *res = NULL;
+    Py_buffer *bufs = NULL;      /* sel buffers and spec outputs, in order */
+    spec_t *specs = NULL;
+    tplan_t *plans = NULL;
+    int32_t *table = NULL;
+    Py_ssize_t nbufs = 0, nspecs = 0, nplans = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*O", &data, &offs, &lens, &tids, &plans_obj))
+        return NULL;
+    Py_ssize_t n = offs.len / 8;
+    if (offs.len % 8 || lens.len != n * 4 || tids.len != n * 2) {
+        PyErr_SetString(PyExc_ValueError, "offsets (int64), lengths (int32), types (uint16) differ");
+        goto done;
+    }
+    seq = PySequence_Fast(plans_obj, "plans must be a sequence");
+    if (!seq)
+        goto done;
+    nplans = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t total_specs = 0;
+    for (Py_ssize_t k = 0; k < nplans; k++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, k);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4) {
+            PyErr_SetString(PyExc_ValueError, "a plan is (type id, span, sel, specs)");
+            goto done;
+        }
+        Py_ssize_t m = PySequence_Size(PyTuple_GET_ITEM(item, 3));
+        if (m < 0)
+            goto done;
+        if (m > MAX_SPECS) {
+            PyErr_SetString(PyExc_ValueError, "too many fields");
+            goto done;
+        }
+        total_specs += m;
+    }
+    plans = PyMem_Calloc((size_t)nplans + 1, sizeof *plans);
+    specs = PyMem_Calloc((size_t)total_specs + 1, sizeof *specs);
+    bufs = PyMem_Calloc((size_t)(total_specs + nplans) + 1, sizeof *bufs);
+    table = PyMem_Malloc(65536 * sizeof *table);
+    if (!plans || !specs || !bufs || !table) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < 65536; t++)
+        table[t] = -1;
+    for (Py_ssize_t k = 0; k < nplans; k++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, k);
+        int tid;
+        PyObject *sp_obj;
+        tplan_t *pl = &plans[k];
+        if (!PyArg_ParseTuple(item, "inw*O", &tid, &pl->span, &bufs[nbufs], &sp_obj))
+            goto done;
+        Py_buffer *selb = &bufs[nbufs++];
+        pl->sel = (int64_t *)selb->buf;
+        pl->cap = selb->len / 8;
+        pl->first_spec = nspecs;
+        if (tid < 0 || tid > 65535 || table[tid] >= 0 || pl->span < 0) {
+            PyErr_SetString(PyExc_ValueError, "bad or repeated type id, or bad span");
+            goto done;
+        }
+        table[tid] = (int32_t)k;
+        PyObject *sps = PySequence_Fast(sp_obj, "specs must be a sequence");
+        if (!sps)
+            goto done;
+        Py_ssize_t m = PySequence_Fast_GET_SIZE(sps);
+        if (nspecs + m > total_specs) {
+            Py_DECREF(sps);
+            PyErr_SetString(PyExc_ValueError, "specs changed while parsing");
+            goto done;
+        }
+        for (Py_ssize_t j = 0; j < m; j++) {
+            spec_t *sp = &specs[nspecs];
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sps, j), "nniw*", &sp->foff,
+                                  &sp->size, &sp->kind, &bufs[nbufs])) {
+                Py_DECREF(sps);
+                goto done;
+            }
+            Py_buffer *ob = &bufs[nbufs++];
+            sp->out = (unsigned char *)ob->buf;
+            nspecs++;
+            if (sp->foff < 0 || sp->size <= 0 || sp->foff + sp->size > pl->span ||
+                (sp->kind != 0 && sp->kind != 1) || ob->len < pl->cap * sp->size) {
+                Py_DECREF(sps);
+                PyErr_SetString(PyExc_ValueError, "bad field spec or output too small");
+                goto done;
+            }
+        }
+        Py_DECREF(sps);
+        pl->nspec = m;
+    }
+    {
+        const unsigned char *d = (const unsigned char *)data.buf;
+        const int64_t *o = (const int64_t *)offs.buf;
+        const int32_t *l = (const int32_t *)lens.buf;
+        const uint16_t *ty = (const uint16_t *)tids.buf;
+        const int64_t dlen = data.len;
+        Py_ssize_t written = 0;
+        int overflow = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int32_t k = table[ty[i]];
+            if (k < 0)
+                continue;
+            tplan_t *pl = &plans[k];
+            Py_ssize_t r = pl->next;
+            if (r >= pl->cap) {
+                overflow = 1;
+                break;
+            }
+            pl->next = r + 1;
+            pl->sel[r] = i;
+            written++;
+            int64_t off = o[i];
+            Py_ssize_t span = pl->span;
+            int ok = off >= 0 && l[i] >= span && off <= dlen - span;
+            const unsigned char *row = d + (ok ? off : 0);
+            const spec_t *sp = specs + pl->first_spec, *spend = sp + pl->nspec;
+            for (; sp < spend; sp++) {
+                unsigned char *dst = sp->out + r * sp->size;
+                if (!ok) {
+                    memset(dst, 0, (size_t)sp->size);
+                    continue;
+                }
+                const unsigned char *src = row + sp->foff;
+                copy_field(dst, src, sp->size);
+                if (sp->kind == 1)
+                    cut_at_nul(dst, sp->size);
+            }
+        }
+        Py_END_ALLOW_THREADS
+        for (Py_ssize_t k = 0; k < nplans && !overflow; k++)
+            overflow = plans[k].next != plans[k].cap;
+        if (overflow) {
+            PyErr_SetString(PyExc_ValueError, "event counts per type differ from the plans");
+            goto done;
+        }
+        res = PyLong_FromSsize_t(written);
+    }
+done:
+    for (Py_ssize_t k = 0; k < nbufs; k++)
+        PyBuffer_Release(&bufs[k]);
+    PyMem_Free(bufs);
+    PyMem_Free(specs);
+    PyMem_Free(plans);
+    PyMem_Free(table);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&lens);
+    PyBuffer_Release(&tids);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"pages", walk_pages, METH_VARARGS,
      "pages(buf, npages, page_size, ts_off, commit_off, commit_size, data_off, big, info)"
@@ -315,6 +602,12 @@ static PyMethodDef methods[] = {
     {"events", walk_events, METH_VARARGS,
      "events(buf, npages, page_size, ts_off, commit_off, commit_size, data_off, big, n,"
      " ts, off, len, tid) -> n: the events of every page"},
+    {"gather", gather, METH_VARARGS,
+     "gather(data, offs, lens, span, specs) -> n: fixed fields of n payloads into columns,"
+     " specs = [(field offset, size, kind 0 bytes | 1 char[N] cut at NUL, out), ...]"},
+    {"gather_types", gather_types, METH_VARARGS,
+     "gather_types(data, offs, lens, tids, plans) -> rows: gather() for every type of a batch"
+     " in one pass, plans = [(type id, span, sel out, specs), ...]"},
     {NULL, NULL, 0, NULL}
 };
 

@@ -11,6 +11,7 @@ field that cannot be understood is reported with the format's name and line.
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -19,6 +20,13 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from vmtrace.errors import FormatError
+
+try:  # fixed-field gathers in C, built with the page walk; numpy does the same without
+    from vmtrace.format._walk import gather as _gather, gather_types as _gather_types
+except ImportError:  # pragma: no cover - depends on the build
+    _gather = _gather_types = None
+if os.environ.get("VMTRACE_WALKER", "").lower() == "numpy":
+    _gather = _gather_types = None
 
 # A payload lives in one ring-buffer page; sub-buffers are at most a few MB.
 MAX_PAYLOAD = 1 << 24
@@ -290,9 +298,9 @@ class EventFormat:
         return [int.from_bytes(raw[i:i + es], _bo(self.endian), signed=f.signed)
                 for i in range(0, usable, es)]
 
-    def _dyn_strings(self, f: Field, raw: np.ndarray, rows: np.ndarray, offs: np.ndarray,
+    def _dyn_strings(self, f: Field, raw: np.ndarray, words: np.ndarray, offs: np.ndarray,
                      lens: np.ndarray, short: np.ndarray, keep_going: bool) -> np.ndarray:
-        return _dyn_strings_impl(self, f, raw, rows, offs, lens, short, keep_going)
+        return _dyn_strings_impl(self, f, raw, words, offs, lens, short, keep_going)
 
     def _short(self, f: Field, n: int) -> FormatError:
         return FormatError(f"{self.full_name}: payload of {n} bytes ends inside field "
@@ -361,27 +369,28 @@ class EventFormat:
                 raise FormatError(f"{self.full_name}: payload of {int(lens[i])} bytes is shorter "
                                   f"than its fixed fields ({span} bytes)", offset=int(offs[i]))
             offs_safe = np.where(short, 0, offs)
-        if raw.shape[0] >= span:
-            win = np.lib.stride_tricks.sliding_window_view(raw, span)
-            rows = win[offs_safe]
+        if _gather is not None and n and int(offs.min()) >= 0:
+            out, locs = self._gather_c(raw, offs, lens, span, dtype, other, fixed, as_bytes)
         else:
-            rows = np.zeros((n, span), np.uint8)
-        if short.any():
-            rows[short] = 0
-        out: Dict[str, np.ndarray] = {}
-        rec = np.ascontiguousarray(rows).view(dtype).reshape(n)
-        for name, f in fixed:
-            if f is not None and f.kind == STRING:
-                block = rows[:, f.offset:f.offset + f.size]
-                out[name] = cut_at_nul(block) if as_bytes else _strings_column(block)
-            else:
-                out[name] = np.ascontiguousarray(rec[name])
+            out, locs = self._gather_numpy(raw, offs_safe, span, short, dtype, other, fixed,
+                                           as_bytes)
+        return self._variable_columns(out, raw, locs, offs, lens, short, other, keep_going,
+                                      as_bytes)
+
+    def _variable_columns(self, out: Dict[str, np.ndarray], raw: np.ndarray,
+                          locs: Dict[str, np.ndarray], offs: np.ndarray, lens: np.ndarray,
+                          short: np.ndarray, other: List[Field], keep_going: bool,
+                          as_bytes: bool) -> Dict[str, np.ndarray]:
+        """Add the variable-length fields (``__data_loc``, flexible arrays) to ``out``."""
+        n = offs.shape[0]
         for f in other:
             if f.kind == DYN_STRING:
                 if as_bytes:
-                    out[f.name] = _dyn_bytes(self, f, raw, rows, offs, lens, short, keep_going)
+                    out[f.name] = _dyn_bytes(self, f, raw, locs[f.name], offs, lens, short,
+                                             keep_going)
                 else:
-                    out[f.name] = self._dyn_strings(f, raw, rows, offs, lens, short, keep_going)
+                    out[f.name] = self._dyn_strings(f, raw, locs[f.name], offs, lens, short,
+                                                    keep_going)
                 continue
             vals = np.empty(n, dtype=object)
             for i in range(n):
@@ -399,7 +408,81 @@ class EventFormat:
         return out
 
 
-def _dyn_strings_impl(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.ndarray,
+    def _gather_numpy(self, raw: np.ndarray, offs_safe: np.ndarray, span: int, short: np.ndarray,
+                      dtype: np.dtype, other: List[Field], fixed: List[Tuple[str, Field]],
+                      as_bytes: bool) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+        """Fixed fields and __data_loc words with numpy: one gather of every row's first
+        ``span`` bytes, then a view per field. The fallback of :meth:`_gather_c`."""
+        n = offs_safe.shape[0]
+        if raw.shape[0] >= span:
+            win = np.lib.stride_tricks.sliding_window_view(raw, span)
+            rows = win[offs_safe]
+        else:
+            rows = np.zeros((n, span), np.uint8)
+        if short.any():
+            rows[short] = 0
+        out: Dict[str, np.ndarray] = {}
+        rec = np.ascontiguousarray(rows).view(dtype).reshape(n)
+        for name, f in fixed:
+            if f is not None and f.kind == STRING:
+                block = rows[:, f.offset:f.offset + f.size]
+                out[name] = cut_at_nul(block) if as_bytes else _strings_column(block)
+            else:
+                out[name] = np.ascontiguousarray(rec[name])
+        u4 = np.dtype(self.endian + "u4")
+        locs = {f.name: rows[:, f.offset:f.offset + 4].copy().view(u4).reshape(n)
+                for f in other if f.is_dynamic}
+        return out, locs
+
+    def _gather_c(self, raw: np.ndarray, offs: np.ndarray, lens: np.ndarray, span: int,
+                  dtype: np.dtype, other: List[Field], fixed: List[Tuple[str, Field]],
+                  as_bytes: bool) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+        """:meth:`_gather_numpy` in one C pass over the payloads (``_walk.gather``): each
+        field straight into its own column, short payloads as zero rows."""
+        out, locs, specs, strs = self._gather_specs(offs.shape[0], dtype, other, fixed, as_bytes)
+        if lens.dtype != np.int32:
+            lens = np.clip(lens, -1, 2 ** 31 - 1)
+        _gather(raw, np.ascontiguousarray(offs, np.int64), np.ascontiguousarray(lens, np.int32),
+                span, specs)
+        return self._gathered(out, strs, fixed), locs
+
+    def _gather_specs(self, n: int, dtype: np.dtype, other: List[Field],
+                      fixed: List[Tuple[str, Field]], as_bytes: bool):
+        """Empty columns for ``n`` rows and the C gather's specs that fill them."""
+        out: Dict[str, np.ndarray] = {}
+        specs = []
+        strs = []
+        for name, f in fixed:
+            if f is not None and f.kind == STRING:
+                if as_bytes:
+                    col = out[name] = np.empty(n, f"S{f.size}")
+                    specs.append((f.offset, f.size, 1, col))
+                else:
+                    col = np.empty((n, f.size), np.uint8)
+                    strs.append((name, col))
+                    specs.append((f.offset, f.size, 0, col))
+            else:
+                dt, foff = dtype.fields[name][:2]
+                col = out[name] = np.empty(n, dt)
+                specs.append((foff, dt.itemsize, 0, col))
+        u4 = np.dtype(self.endian + "u4")
+        locs = {}
+        for f in other:
+            if f.is_dynamic:
+                col = locs[f.name] = np.empty(n, u4)
+                specs.append((f.offset, 4, 0, col))
+        return out, locs, specs, strs
+
+    @staticmethod
+    def _gathered(out: Dict[str, np.ndarray], strs, fixed) -> Dict[str, np.ndarray]:
+        for name, col in strs:
+            out[name] = _strings_column(col)
+        if strs and len(out) > 1:   # the order of the fields, as the numpy gather gives them
+            out = {name: out[name] for name, _ in fixed}
+        return out
+
+
+def _dyn_strings_impl(fmt: "EventFormat", f: Field, raw: np.ndarray, words: np.ndarray,
                       offs: np.ndarray, lens: np.ndarray, short: np.ndarray,
                       keep_going: bool) -> np.ndarray:
     """__data_loc strings of many events without a Python step per event.
@@ -412,8 +495,7 @@ def _dyn_strings_impl(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.nd
     out = np.empty(n, dtype=object)
     if n == 0:
         return out
-    w = rows[:, f.offset:f.offset + 4].copy().view(np.dtype(fmt.endian + "u4")).reshape(n)
-    w = w.astype(np.int64)
+    w = words.astype(np.int64)
     start = (w & 0xFFFF) + (f.offset + 4 if f.rel else 0)
     length = w >> 16
     bad = short | (start + length > lens.astype(np.int64))
@@ -435,12 +517,11 @@ def _dyn_strings_impl(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.nd
     return out
 
 
-def _dyn_locations(fmt: "EventFormat", f: Field, rows: np.ndarray, offs: np.ndarray,
+def _dyn_locations(fmt: "EventFormat", f: Field, words: np.ndarray, offs: np.ndarray,
                    lens: np.ndarray, short: np.ndarray, keep_going: bool):
-    """(absolute start, length, bad rows) of a __data_loc field in every row."""
+    """(absolute start, length, bad rows) of a __data_loc field from its location words."""
     n = offs.shape[0]
-    w = rows[:, f.offset:f.offset + 4].copy().view(np.dtype(fmt.endian + "u4")).reshape(n)
-    w = w.astype(np.int64)
+    w = words.astype(np.int64)
     start = (w & 0xFFFF) + (f.offset + 4 if f.rel else 0)
     length = w >> 16
     bad = short | (start + length > lens.astype(np.int64))
@@ -456,7 +537,7 @@ def _dyn_locations(fmt: "EventFormat", f: Field, rows: np.ndarray, offs: np.ndar
 _DYN_ONE_GATHER = 64
 
 
-def _dyn_bytes(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.ndarray,
+def _dyn_bytes(fmt: "EventFormat", f: Field, raw: np.ndarray, words: np.ndarray,
                offs: np.ndarray, lens: np.ndarray, short: np.ndarray,
                keep_going: bool) -> np.ndarray:
     """__data_loc strings as one fixed-width bytes column (``S<longest>``), NUL-cut.
@@ -464,7 +545,7 @@ def _dyn_bytes(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.ndarray,
     Bad rows (keep-going) are empty. No Python step per event and no ``str``.
     """
     n = offs.shape[0]
-    absolute, length, bad = _dyn_locations(fmt, f, rows, offs, lens, short, keep_going)
+    absolute, length, bad = _dyn_locations(fmt, f, words, offs, lens, short, keep_going)
     if bad.any():
         length = np.where(bad, 0, length)
         absolute = np.where(bad, 0, absolute)
@@ -490,6 +571,83 @@ def _dyn_bytes(fmt: "EventFormat", f: Field, raw: np.ndarray, rows: np.ndarray,
             idx = np.nonzero(length == L)[0]
             block[idx, :L] = np.lib.stride_tricks.sliding_window_view(raw, L)[absolute[idx]]
     return cut_at_nul(block)
+
+
+def batch_columns(batch: Any, catalog: "EventCatalog", *, common: bool = False,
+                  keep_going: bool = False, strings: str = "str"
+                  ) -> List[Tuple["EventFormat", np.ndarray, Dict[str, np.ndarray]]]:
+    """Every event type of ``batch`` to columns: ``(format, rows, columns)`` per type.
+
+    Types come in ascending id order, ``rows`` are the batch indices of that type's
+    events (ascending) and ``columns`` is exactly ``fmt.columns(batch, rows, ...)``;
+    events of types the catalog does not know are left out. With the C extension the
+    fixed fields of all types are gathered in one pass over the batch in stream order
+    (``_walk.gather_types``), which reads the chunk once, sequentially.
+    """
+    if strings not in ("str", "bytes"):
+        raise ValueError(f"strings must be 'str' or 'bytes', not {strings!r}")
+    n = len(batch)
+    if not n:
+        return []
+    tids = batch.type_id
+    offs, lens = batch.offset, batch.length
+    if _gather_types is None or offs.dtype != np.int64 or lens.dtype != np.int32 \
+            or tids.dtype != np.uint16 or int(offs.min()) < 0:
+        return _batch_columns_by_type(batch, catalog, common, keep_going, strings)
+    as_bytes = strings == "bytes"
+    raw = np.frombuffer(batch.data, np.uint8)
+    counts = np.bincount(tids)
+    plans = []
+    todo = []
+    spans = np.zeros(counts.shape[0], np.int64)
+    for t in np.flatnonzero(counts).tolist():
+        fmt = catalog.get(t)
+        if fmt is None:
+            continue
+        dtype, other, fixed = fmt._row_plan(common)
+        cnt = int(counts[t])
+        out, locs, specs, strs = fmt._gather_specs(cnt, dtype, other, fixed, as_bytes)
+        sel = np.empty(cnt, np.int64)
+        spans[t] = dtype.itemsize
+        plans.append((t, dtype.itemsize, sel, specs))
+        todo.append((fmt, sel, out, locs, strs, other, fixed, dtype.itemsize))
+    if not plans:
+        return []
+    span_of = spans[tids]
+    short_all = (lens < span_of) | (offs + span_of > raw.shape[0])
+    if not keep_going and short_all.any():
+        # The per-type path raises the error for the first short payload, as columns() does.
+        return _batch_columns_by_type(batch, catalog, common, keep_going, strings)
+    _gather_types(raw, np.ascontiguousarray(offs), np.ascontiguousarray(lens),
+                  np.ascontiguousarray(tids), plans)
+    result = []
+    for fmt, sel, out, locs, strs, other, fixed, span in todo:
+        out = fmt._gathered(out, strs, fixed)
+        if other:
+            o, ln = offs[sel], lens[sel]
+            out = fmt._variable_columns(out, raw, locs, o, ln, short_all[sel], other,
+                                        keep_going, as_bytes)
+        result.append((fmt, sel, out))
+    return result
+
+
+def _batch_columns_by_type(batch: Any, catalog: "EventCatalog", common: bool, keep_going: bool,
+                           strings: str):
+    """:func:`batch_columns` with one :meth:`EventFormat.columns` call per type."""
+    tids = batch.type_id
+    order = np.argsort(tids, kind="stable")
+    sorted_t = tids[order]
+    edges = np.flatnonzero(np.diff(sorted_t)) + 1
+    bounds = [0, *edges.tolist(), len(order)]
+    result = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        fmt = catalog.get(int(sorted_t[a]))
+        if fmt is None:
+            continue
+        sel = order[a:b]
+        result.append((fmt, sel, fmt.columns(batch, sel, common=common, keep_going=keep_going,
+                                             strings=strings)))
+    return result
 
 
 _ONES = np.uint64(0x0101010101010101)
