@@ -40,7 +40,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from vmtrace.format.printfmt import M64, _HELPERS, FieldInfo, compile_reader, field_info
+from vmtrace.format.printfmt import (M64, _HELPERS, FieldInfo, compile_print_fmt, compile_reader,
+                                     field_info)
 from vmtrace.format.render import TextRenderer, event_name_column, header_lines, lost_text
 
 # Lines rendered per step: bounds the Python objects alive at once (~64k lines of text).
@@ -494,7 +495,7 @@ def _plugin_spec(fmt: Any, names: set, pf: Any, ctx: Any) -> Optional[tuple]:
                                              "kmem_cache_alloc_node", "kmem_cache_free"):
         if not has("call_site"):
             return None
-        if pf is None or pf.render_payload is None:
+        if pf is None:
             return False
         return ("%s" + pf.body_fmt, ["_kprefix(f_call_site)"] + list(pf.body_args),
                 dict(pf.namespace, **_plugin_ns(ctx)), None)
@@ -551,12 +552,18 @@ class _Type:
         name = getattr(fmt, "name", "") or "(NULL)"
         infos = [field_info(f, r.long_size) for f in fmt.fields]
         by_name = {fi.name: fi for fi in infos}
-        pf = r.printfmt(fmt)
+        # only the format and argument expressions: the per-event renderer is made if
+        # and when some event of this type needs it
+        pf = compile_print_fmt(fmt.print_fmt or "", infos, symbols=r.ctx.symbol,
+                               printk=r.printk_lookup, long_size=r.long_size, endian="<",
+                               where=f"{fmt.system}:{name}", functions=False)
+        if pf.failed or pf.namespace is None:
+            pf = None
         spec = _plugin_spec(fmt, set(by_name), pf, r.ctx)
         if spec is False:
             return
         if spec is None:
-            if pf is None or pf.render_payload is None or pf.namespace is None:
+            if pf is None:
                 return
             spec = (pf.body_fmt, list(pf.body_args), pf.namespace, None)
         body, codes, ns, self.reg = spec

@@ -1172,8 +1172,13 @@ def compile_print_fmt(
     long_size: int = 8,
     endian: str = "<",
     where: str = "print fmt",
+    functions: bool = True,
 ) -> PrintFmt:
-    """Compile ``text`` (the part after ``print fmt:``) for an event with ``fields``."""
+    """Compile ``text`` (the part after ``print fmt:``) for an event with ``fields``.
+
+    With ``functions=False`` only the format and argument expressions are made (for
+    renderers that evaluate them in bulk): ``render``/``render_payload`` stay None.
+    """
     if len(text) > MAX_PRINT_FMT:
         raise FormatError(f"{where}: print fmt is {len(text)} bytes, more than {MAX_PRINT_FMT}")
     infos = {}
@@ -1201,10 +1206,11 @@ def compile_print_fmt(
     glb["_symf"] = _make_sym(symbols, True)
     glb["_syms"] = _make_sym(symbols, False)
     glb["_printk"] = _make_printk(printk)
-    ns: dict = {}
-    exec(compile(src, "<print fmt>", "exec"), glb, ns)  # noqa: S102 - our own generated code
-    pf.render = ns["_render"]
-    pf.render_payload = ns["_render_payload"]
+    if functions:
+        ns: dict = {}
+        exec(compile(src, "<print fmt>", "exec"), glb, ns)  # noqa: S102 - our own generated code
+        pf.render = ns["_render"]
+        pf.render_payload = ns["_render_payload"]
     pf.source = src
     pf.used_fields = tuple(sorted(used))
     pf.body_fmt, pf.body_args = body[0], tuple(body[1])

@@ -75,7 +75,7 @@ class TextRenderer:
         self.ctx = _Ctx(self.comms, kallsyms if kallsyms is not None
                         else getattr(metadata, "kallsyms", None))
         printk = getattr(metadata, "printk", {}) or {}
-        self._printk = printk.get
+        self._printk = self.printk_lookup = printk.get
         self.long_size = long_size
         self._types: Dict[int, tuple] = {}
         self._pfs: Dict[int, Any] = {}
