@@ -8,7 +8,10 @@ machine noise (other jobs, CPU frequency) hits all of them alike:
   numpy arrays, no text (what tables, Parquet and SQL use);
 - our text rendering (``vmtrace.format.render``), when that module is present.
 
-Rates are events per second over the same event count. The memory check builds a
+Rates are events per second over the same event count, by wall time (``events_per_s``,
+our columnar decode uses one thread per CPU) and by CPU time, user+system, children
+included (``cpu_events_per_s``). ``params.walker`` says whether the page walk and field
+gathers ran in C or in the numpy fallback. The memory check builds a
 large raw directory out of a real trace's pages and measures the peak RSS of a fresh
 process that streams through it, because that is the number a user with a 1 GB trace
 cares about.
@@ -102,6 +105,12 @@ def text_render(path: str) -> Optional[int]:
         return n
 
 
+def _cpu_seconds() -> float:
+    """User+system CPU time of this process (all threads) and of its waited-for children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def trace_cmd_report(path: str) -> None:
     subprocess.run(["trace-cmd", "report", "-i", path], stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=True, timeout=3600)
@@ -131,23 +140,35 @@ def run(trace_path: Any, reps: int = 3, progress: Progress = None,
     if text_render(path) is not None:   # also warms caches before timing
         runners["vmtrace text"] = lambda: text_render(path)
     times: Dict[str, List[float]] = {k: [] for k in runners}
+    cpu: Dict[str, List[float]] = {k: [] for k in runners}
     for rep in range(max(1, reps)):
         order = list(runners) if rep % 2 == 0 else list(reversed(runners))
         for name in order:
             _say(progress, f"decode rep {rep + 1}/{reps}: {name}")
+            c0 = _cpu_seconds()
             t0 = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(_cpu_seconds() - c0)
     results = {name: {"events": n_events, "seconds": ts,
-                      "events_per_s": n_events / statistics.median(ts)}
+                      "events_per_s": n_events / statistics.median(ts),
+                      "cpu_seconds": cpu[name],
+                      "cpu_events_per_s": n_events / max(statistics.median(cpu[name]), 1e-9)}
                for name, ts in times.items()}
+    from vmtrace.format.ringbuffer import walker
     doc: Dict[str, Any] = {"benchmark": "decode",
-                           "params": {"trace": path, "reps": reps, "events": n_events},
+                           "params": {"trace": path, "reps": reps, "events": n_events,
+                                      "walker": walker()},
                            "results": results}
+    _say(progress, f"page walk and field gather: {walker()}"
+         + ("" if walker() == "c" else " (the C extension vmtrace.format._walk is not built)"))
     ref = results.get("trace-cmd report")
     if ref:
         doc["ratios"] = {f"{k} / trace-cmd report": v["events_per_s"] / ref["events_per_s"]
                          for k, v in results.items() if k != "trace-cmd report"}
+        doc["cpu_ratios"] = {f"{k} / trace-cmd report": v["cpu_events_per_s"]
+                             / ref["cpu_events_per_s"]
+                             for k, v in results.items() if k != "trace-cmd report"}
     if rss_bytes:
         doc["rss"] = streaming_rss(path, rss_bytes, progress=progress)
     return doc
