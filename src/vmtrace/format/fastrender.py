@@ -334,18 +334,24 @@ def _field_kind(fi: FieldInfo) -> str:
     return "str" if fi.is_string else "arr"
 
 
+_FVAR = re.compile(r"\bf_([A-Za-z0-9_]+)")
+_CALLS = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+
+
 class _Arg:
     """One conversion argument: how to turn gathered columns into a list of values."""
 
     def __init__(self, code: str, fields: Dict[str, FieldInfo], ns: dict):
         self.code = code
-        tree = ast.parse(code, mode="eval").body
-        names = sorted({n.id[2:] for n in ast.walk(tree)
-                        if isinstance(n, ast.Name) and n.id.startswith("f_") and n.id[2:] in fields})
+        # field variables (a string literal that happens to spell one only adds an
+        # unused parameter)
+        names = sorted({n for n in _FVAR.findall(code) if n in fields})
         self.fields = names
         kinds = {n: _field_kind(fields[n]) for n in names}
-        self.direct = names[0] if isinstance(tree, ast.Name) and names else None
-        self.vector = None if self.direct else _vector(tree, kinds)
+        self.direct = names[0] if len(names) == 1 and code == "f_" + names[0] else None
+        self.vector = None
+        if self.direct is None and set(_CALLS.findall(code)) <= {"_s", "len"}:
+            self.vector = _vector(ast.parse(code, mode="eval").body, kinds)
         self.memo_field = names[0] if len(names) == 1 and kinds[names[0]] in ("num", "str") else None
         self.ns = ns
         self._fn: Any = None

@@ -182,8 +182,15 @@ class _Box:
         return _finish(self.v)
 
 
+class _Done(tuple):
+    """A node already turned into plain tuples (a whole argument): not walked again."""
+    __slots__ = ()
+
+
 def _finish(v: Any) -> Any:
     """Turn the in-place association tree into the plain tuples codegen reads."""
+    if type(v) is _Done:
+        return v
     if isinstance(v, _Op):
         left = v.left.build()
         right = v.right.build() if v.right is not None else ("num", 0)
@@ -243,7 +250,8 @@ class _Parser:
             raise FormatError("print fmt: expression nested too deeply")
         v = self.raw_expr()
         self.depth -= 1
-        return _finish(v)
+        v = _finish(v)
+        return _Done(v) if type(v) is tuple else v
 
     def raw_expr(self) -> Any:
         box = _Box(self.unary())
