@@ -612,12 +612,14 @@ class _Type:
     def line_fmt(self, cpu: int, text_time: bool) -> bytes:
         """The line as a bytes %-format: head, time (text, or seconds and microseconds),
         then the event's own arguments."""
-        f = self.fmts.get((cpu, text_time))
+        key = -1 if text_time else cpu
+        f = self.fmts.get(key)
         if f is None:
-            t = "%s" if text_time else "%5d.%06d"
-            f = self.fmts[(cpu, text_time)] = (
-                "%s%%s [%03d] %s: %s" % (self.prefix, cpu, t, self.tail)
-            ).encode("utf-8", "surrogateescape")
+            if text_time:     # "[CPU] SECS.USECS" is one text column
+                f = "%s%%s %%s: %s" % (self.prefix, self.tail)
+            else:
+                f = "%s%%s [%03d] %%5d.%%06d: %s" % (self.prefix, cpu, self.tail)
+            f = self.fmts[key] = f.encode("utf-8", "surrogateescape")
         return f
 
     def line_fmt_str(self, cpu: int) -> str:
@@ -881,8 +883,11 @@ class FastReport:
         # 2. the comm-pid column
         heads = self._heads(pid, is_ev, newly)
         # 3. time columns
-        times = _Times(ts)
-        # 4. lines
+        times = _Times(ts, cpu)
+        # 4. lines; with the CPU in the time text, one event type's groups of all CPUs
+        # are formatted together
+        if times.text is not None:
+            gathered = self._merged(gathered, out, heads, times)
         for seg, ty, P, gr, bulk in gathered:
             lines = None
             if bulk:
@@ -907,6 +912,33 @@ class FastReport:
         lines.append(b"")
         return b"\n".join(lines)
 
+    def _merged(self, gathered: list, out: np.ndarray, heads: np.ndarray, times: "_Times") -> list:
+        """Format same-type groups of different chunks at once; return the others."""
+        by_type: Dict[int, list] = {}
+        rest = []
+        for e in gathered:
+            seg, ty, P, gr, bulk = e
+            if bulk and gr is not None and ty.fmt is not None and not gr.bad.any():
+                by_type.setdefault(id(ty), []).append(e)
+            else:
+                rest.append(e)
+        for entries in by_type.values():
+            if len(entries) == 1:
+                rest.append(entries[0])
+                continue
+            P = np.concatenate([e[2] for e in entries])
+            try:
+                gr = _concat_groups([e[3] for e in entries])
+                lines = self._format(entries[0][0], entries[0][1], P, gr, heads, times,
+                                     allow_str=False)
+            except (ValueError, TypeError, OverflowError, KeyError, IndexError,
+                    ZeroDivisionError, _NotAscii):
+                rest.extend(entries)
+                continue
+            self.counts["bulk"] += len(lines)
+            out[P] = lines
+        return rest
+
     def _bulk_lines(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: Optional[_Group],
                     heads: np.ndarray, times: "_Times", codes: np.ndarray) -> Optional[list]:
         if gr is None:     # unknown event: header only
@@ -917,14 +949,15 @@ class FastReport:
         return self._format(seg, ty, P, gr, heads, times)
 
     def _format(self, seg: _Seg, ty: _Type, P: np.ndarray, gr: _Group, heads: np.ndarray,
-                times: "_Times") -> list:
+                times: "_Times", allow_str: bool = True) -> list:
         hl = heads[P].tolist()
         try:
             cols = [a.column(gr, c) for a, c in zip(ty.args, ty.convs)]
             F = ty.line_fmt(seg.cpu, times.text is not None)
             return list(map(F.__mod__, zip(hl, *times.cols(P), *cols)))
         except _NotAscii:
-            pass
+            if not allow_str:
+                raise
         # padded non-ASCII text: pad characters, as the per-event renderer does
         sl, ul = times.ints(P)
         cols = [a.column(gr, None) for a in ty.args]
@@ -1068,7 +1101,7 @@ class _Times:
     When every second count has the same printed width, the text is built with numpy
     digit arithmetic and formatted as one ``%s``; otherwise as two integers."""
 
-    def __init__(self, ts: np.ndarray):
+    def __init__(self, ts: np.ndarray, cpu: np.ndarray):
         n = ts.shape[0]
         self.text: Optional[np.ndarray] = None
         if n and int(ts.max()) > M64 - 1000:
@@ -1082,9 +1115,16 @@ class _Times:
             return
         lo, hi = len(str(int(secs.min()))), len(str(int(secs.max())))
         width = max(5, hi)
-        if max(5, lo) != width:
+        if max(5, lo) != width or int(cpu.max()) > 999 or int(cpu.min()) < 0:
             return
-        m = np.empty((n, width + 7), np.uint8)
+        m = np.empty((n, width + 13), np.uint8)
+        m[:, 0], m[:, 4], m[:, 5] = 91, 93, 32        # "[ddd] "
+        c = cpu.astype(np.int64)
+        for k in range(3):
+            c, d = np.divmod(c, 10)
+            m[:, 3 - k] = d + 48
+        full = m
+        m = full[:, 6:]
         m[:, width] = 46
         u = usecs.astype(np.uint32)
         ten = np.uint32(10)
@@ -1104,7 +1144,7 @@ class _Times:
                 lead = (s == 0) & (d == 0)
                 if lead.any():
                     m[lead, width - 1 - k] = 32
-        self.text = m.view("S%d" % (width + 7)).reshape(n)
+        self.text = full.view("S%d" % (width + 13)).reshape(n)
 
     def cols(self, P: np.ndarray) -> list:
         if self.text is not None:
@@ -1113,6 +1153,20 @@ class _Times:
 
     def ints(self, P: np.ndarray) -> Tuple[list, list]:
         return self.secs[P].tolist(), self.usecs[P].tolist()
+
+
+def _concat_groups(groups: List[_Group]) -> _Group:
+    """One group of the rows of several (same event type, other chunks)."""
+    g = _Group.__new__(_Group)
+    g.n = sum(x.n for x in groups)
+    g.bad = np.zeros(g.n, bool)
+    g.cols = {}
+    for name, c in groups[0].cols.items():
+        parts = [x.cols[name][1] for x in groups]
+        if c[0] == "str" and any(p.dtype == object for p in parts):
+            parts = [p.astype(object) for p in parts]
+        g.cols[name] = (c[0], np.concatenate(parts))
+    return g
 
 
 def _unique_small(v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
