@@ -291,3 +291,19 @@ def test_bulk_path_is_taken():
     lines = sum(b.count(b"\n") for b in fr.blocks())
     # per event: short payloads (~3 %), rows of groups hit by them, and nothing else
     assert fr.counts["bulk"] >= 0.8 * lines, fr.counts
+
+
+def test_seconds_column_changing_width():
+    """Seconds from 99999 to 100000 in one step: the time column cannot be one width."""
+    out = {}
+    for cpu in range(2):
+        payloads = [_ev(100, i, "n", "m", 0) for i in range(40)]
+        payloads = [p + b"\0" * (-len(p) % 4) for p in payloads]
+        offs = np.cumsum([0] + [len(p) for p in payloads[:-1]]).astype(np.int64)
+        ts = np.arange(40, dtype=np.uint64) * np.uint64(50_000_000) + np.uint64(99_999_000_000_000)
+        out[cpu] = [EventBatch(cpu=cpu, ts=ts + np.uint64(cpu), offset=offs,
+                               length=np.array([len(p) for p in payloads], np.int32),
+                               type_id=np.full(40, 500, np.uint16), data=b"".join(payloads))]
+    slow = b"".join(text_blocks(FakeTrace(out), fast=False))
+    assert b" 99999.950000: " in slow and b" 100000.000000: " in slow
+    assert b"".join(text_blocks(FakeTrace(out))) == slow
