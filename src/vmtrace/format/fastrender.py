@@ -34,7 +34,6 @@ evaluation raises go through :class:`~vmtrace.format.render.TextRenderer` unchan
 from __future__ import annotations
 
 import ast
-import gzip
 import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -42,7 +41,7 @@ import numpy as np
 
 from vmtrace.format.printfmt import (M64, _HELPERS, FieldInfo, compile_print_fmt, compile_reader,
                                      field_info)
-from vmtrace.format.render import TextRenderer, event_name_column, header_lines, lost_text
+from vmtrace.format.render import TextRenderer, event_name_column, lost_text
 
 # Lines rendered per step: bounds the Python objects alive at once (~64k lines of text).
 SUB_CHUNK = 1 << 16
@@ -200,7 +199,6 @@ class _Group:
         span = ty.span
         short = lens < span
         bad = short
-        raw = seg.raw
         if span and n:
             if short.any():
                 offs = np.where(short, 0, offs)
