@@ -36,9 +36,11 @@ def open_source(path: str | os.PathLike) -> TraceSource:
             head = f.read(32)
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror}", source=p) from None
-    from vmtrace.agent.stream import STREAM_MAGIC
-    if head.startswith(STREAM_MAGIC):
-        return _open_stream(p)
+    if head.startswith(b"VMTRACE-STREAM "):  # checked before importing the agent's modules
+        from vmtrace.agent.stream import STREAM_MAGIC
+        if head.startswith(STREAM_MAGIC):
+            return _open_stream(p)
+        raise FormatError("unsupported vmtrace -o stream version", source=p, offset=0)
     head = head[:10]
     from vmtrace.format.tracedat_read import MAGIC, TraceDat
     if head != MAGIC:
