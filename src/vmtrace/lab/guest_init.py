@@ -25,13 +25,6 @@ NONCE=$(arg nonce)
 WANT=$(arg ports)
 WANT=${WANT:-0}
 
-# Warm Python up while the modules load and the ports get their names (see WARM_PATH).
-WARM=
-if [ -f /lab/warm.py ] && [ "$(arg warm)" != 0 ]; then
-    python3 /lab/warm.py > /dev/null 2>&1 &
-    WARM=$!
-fi
-
 for m in $(cat /lab/modules.order); do
     insmod /lab/modules/$m.ko || echo "vmtrace-lab: insmod $m failed"
 done
@@ -54,14 +47,6 @@ for d in /sys/class/virtio-ports/*; do
     [ -s "$d/name" ] || continue
     ln -sf "../${d##*/}" "/dev/virtio-ports/$(cat "$d/name")"
 done
-
-# Nothing of ours runs behind the script's back: wait for the warm-up (at most ~20 s).
-i=0
-while [ -n "$WARM" ] && kill -0 $WARM 2>/dev/null && [ $i -lt 400 ]; do
-    sleep 0.05
-    i=$((i + 1))
-done
-[ -n "$WARM" ] && kill $WARM 2>/dev/null
 
 CPUS=$(grep -c ^processor /proc/cpuinfo)
 echo "VMTRACE-LAB-$NONCE READY cpus=$CPUS ports=$(named) kernel=$(uname -r)"
@@ -120,28 +105,3 @@ lab_tracefs_meta() {
     cat /proc/kallsyms > "$d/kallsyms"
 }
 """
-
-# The first Python process of a boot is slow under TCG: `python3 -S -c pass` took 1.3-1.6 s
-# the first time and 0.1-0.2 s after, with the files already in memory either way. That
-# is QEMU translating the interpreter's machine code on first use; Debian's python3 is
-# not position-independent, so later processes reuse the translation.
-# /init therefore runs this once in the background while the virtio modules load and the
-# ports get their names, importing what the agent imports (without starting it), and
-# waits for it before READY so that nothing of ours runs during the script.
-# `vmtrace.warm=0` on the kernel command line turns it off.
-WARM_PATH = "/lab/warm.py"
-
-
-def warm_script(agent: "str | None") -> str:
-    """The warm-up's source: import the agent's modules (from `agent`, a zipapp or a
-    directory, the way the scripts start it) if the image has the agent."""
-    lines = ["import sys"]
-    if agent:
-        lines += [f"sys.path.insert(0, {agent!r})",
-                  "try:",
-                  "    import vmtrace.agent.__main__, vmtrace.agent.core",
-                  "except Exception:",
-                  "    pass"]
-    else:
-        lines += ["import argparse, json, os, re, select, threading"]
-    return "\n".join(lines) + "\n"

@@ -364,8 +364,6 @@ def _populate(w: cpio.CpioWriter, kern: kernel_mod.GuestKernel, py: pyruntime.Py
         w.add_file(f"lab/bin/{name}", exe_path, 0o755)
     for guest_path, src in agent_files:
         w.add_file(guest_path, src, 0o644)
-    w.add_bytes(guest_init.WARM_PATH.lstrip("/"),
-                guest_init.warm_script(AGENT_PYZ if agent_files else None).encode())
     w.add_bytes("etc/hostname", b"vmtrace-lab\n")
     w.add_bytes("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     w.add_bytes("etc/group", b"root:x:0:\n")
