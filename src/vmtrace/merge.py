@@ -47,6 +47,7 @@ class MergedEvent(NamedTuple):
     fields: dict
     system: str = ""
     raw_ts: int = 0
+    origin: Any = None      # the source's own event (vmtrace.api), for rendering its text
 
 
 @dataclass
@@ -248,7 +249,7 @@ def _mapped(batch: list, name: str, cmap: ClockMap) -> Iterator[MergedEvent]:
             yield MergedEvent(h, name, int(e.cpu), -1, "", LOST, {"count": int(e.count)}, "", r)
             continue
         yield MergedEvent(h, name, int(e.cpu), int(e.pid), str(e.comm), event_name(e),
-                          dict(e.fields), str(getattr(e, "system", "") or ""), r)
+                          dict(e.fields), str(getattr(e, "system", "") or ""), r, e)
 
 
 LOST = "lost_events"
@@ -295,8 +296,9 @@ def format_line(ev: MergedEvent, width: int = 8) -> str:
 
 def to_json(ev: MergedEvent) -> dict:
     """The ``--format jsonl`` record: ts in host ns, source ``host`` or the guest name."""
+    name = "%s:%s" % (ev.system, ev.event) if ev.system else ev.event
     return {"ts": int(ev.ts), "source": ev.source, "cpu": ev.cpu, "pid": ev.pid, "comm": ev.comm,
-            "event": ev.event, "fields": {k: _jsonable(v) for k, v in ev.fields.items()}}
+            "event": name, "fields": {k: _jsonable(v) for k, v in ev.fields.items()}}
 
 
 def _jsonable(v: Any) -> Any:

@@ -209,12 +209,30 @@ def _write_text(trace: Any, out: Optional[str], **sel: Any) -> None:
 @click.option("--stats", is_flag=True, help="Per-CPU and per-event counts and lost events.")
 @click.option("--keep-going", is_flag=True, help="Skip corrupt pages, count them, report the rest.")
 @click.option("--formats", type=click.Path(file_okay=False), help="Guest tracefs copy (events/, header_page, header_event) for a raw directory without metadata.")
+@click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write a self-contained timeline page here.")
 def command(file: str, fmt: str, out: Optional[str], events: Optional[str], cpu: Optional[str],
             start: Optional[str], end: Optional[str], stats: bool, keep_going: bool,
-            formats: Optional[str]) -> None:
-    """Decode a trace.dat or raw directory; print it like `trace-cmd report`."""
+            formats: Optional[str], html: Optional[str]) -> None:
+    """Decode a trace.dat, raw directory or -o stream and print it like `trace-cmd report`.
+
+    A session directory from `vmtrace record --host-events` prints host and guests
+    interleaved on the host's clock, each line tagged with its source.
+    """
     if fmt == "parquet" and not out:
         raise VmtraceError("--format parquet needs -o FILE")
+    from vmtrace.merge import is_session_dir
+    if is_session_dir(file):
+        _session(file, fmt, out, html, bool(events or cpu or start or end or stats or formats))
+        return
+    if html:
+        from vmtrace.export.timeline import write_timeline
+        import tempfile as _tf
+        with _tf.TemporaryDirectory(prefix="vmtrace-report-") as tmp:
+            trace = _open(file, formats, keep_going, tmp)
+            try:
+                write_timeline(trace, html_path=html, title=f"vmtrace {file}")
+            finally:
+                trace.close()
     cpus = _cpu_list(cpu)
     evs = _events(events)
     s, e = _seconds(start, "--start"), _seconds(end, "--end")
@@ -222,6 +240,23 @@ def command(file: str, fmt: str, out: Optional[str], events: Optional[str], cpu:
     with tempfile.TemporaryDirectory(prefix="vmtrace-report-") as tmp:
         trace = _open(file, formats, keep_going, tmp)
         _run(trace, file, fmt, out, events, evs, cpus, s, e, stats, keep_going)
+
+
+def _session(path: str, fmt: str, out: Optional[str], html: Optional[str], filtered: bool) -> None:
+    from vmtrace import session_report
+    if filtered:
+        raise VmtraceError(f"{path}: a session report takes no --events/--cpu/--start/--end/--stats/--formats; "
+                           "report one of its .dat files for those")
+    if html:
+        session_report.write_html(path, html)
+    if fmt == "jsonl":
+        session_report.write_jsonl(path, out)
+    elif fmt == "parquet":
+        from vmtrace.export.session_parquet import write_session_parquet
+        from vmtrace.merge import Session
+        write_session_parquet(Session(path), out)
+    else:
+        session_report.write_text(path, out)
 
 
 def _run(trace: Any, file: str, fmt: str, out: Optional[str], events: Optional[str],

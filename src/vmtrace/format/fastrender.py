@@ -897,6 +897,7 @@ class FastReport:
                 lines = self._slow_lines(seg, ty, P, codes, heads, times)
             else:
                 self.counts["bulk"] += len(lines)
+                lines = _strip_trailing_newline(lines)
             out[P] = lines
         # 5. lost-event markers; the next event of that CPU carries no buffer prefix
         mk = np.flatnonzero(~is_ev)
@@ -1199,3 +1200,14 @@ def supported(trace: Any) -> bool:
 def report_blocks(trace: Any, buffer: Any, cpus: Optional[List[int]] = None) -> Iterator[bytes]:
     """UTF-8 blocks (each ending in a newline) of the report of one buffer, no header."""
     yield from FastReport(trace, buffer, cpus).blocks()
+
+
+def _strip_trailing_newline(lines: list) -> list:
+    """Drop one trailing newline per line, as trace-cmd does (trace_marker texts end in one).
+
+    The per-event path does this in TextRenderer.info; here a joined probe finds out in
+    C whether any line of the group needs it before paying for a Python-level pass.
+    """
+    if not lines or b"\n\x00" not in b"\x00".join(lines) + b"\x00":
+        return lines
+    return [ln[:-1] if ln.endswith(b"\n") else ln for ln in lines]

@@ -105,7 +105,9 @@ class TextRenderer:
         t = self._types.get(id(fmt))
         if t is None:
             t = self._types[id(fmt)] = (self._prepare(fmt), fmt)
-        return t[0][1](payload)
+        text = t[0][1](payload)
+        # trace-cmd drops a trailing newline (every trace_marker event ends in one)
+        return text[:-1] if text.endswith("\n") else text
 
     def printfmt(self, fmt: Any) -> Any:
         """The compiled print fmt (:class:`~vmtrace.format.printfmt.PrintFmt`) of ``fmt``."""
@@ -133,7 +135,8 @@ class TextRenderer:
         us = (ev.ts + 500) // 1000
         # the comm column is taken before the plugin runs, as in trace-cmd
         head = "%16s-%-5d [%03d] %5d.%06d: " % (comm, pid, ev.cpu, us // 1000000, us % 1000000)
-        return head + col + render(ev.payload)
+        text = render(ev.payload)
+        return head + col + (text[:-1] if text.endswith("\n") else text)
 
     def lines(self, items: Iterable[Any], prefix: str = "") -> Iterator[str]:
         """Lines for a stream of events and LostEvents markers from one buffer."""
