@@ -248,7 +248,9 @@ class Session:
         if self.opts.buffer_kb:
             conf["buffer_size_kb"] = int(self.opts.buffer_kb)
         conf["buffer_percent"] = 50
-        rep = link.call("configure", 10.0, **conf)
+        # Enabling tracepoints patches kernel text with every vCPU brought to a halt; in
+        # a TCG guest on a busy host that alone took over 10 s, so allow a minute.
+        rep = link.call("configure", 60.0, **conf)
         if rep is None or rep.name != "ok":
             why = rep.get("message") if rep is not None else "no reply"
             raise VmtraceError("%s: agent refused the configuration: %s" % (g.name, str(why)[:200]))
