@@ -47,7 +47,8 @@ def test_chrome_json_reads_back(events, tmp_path):
     procs = {e["pid"]: e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "process_name"}
     assert sorted(procs.values()) == ["guest1", "host"]
     threads = {(procs[e["pid"]], e["args"]["name"]) for e in evs if e["ph"] == "M" and e["name"] == "thread_name"}
-    want = {(s, "%s %s %d" % (s, "CPU" if s == "host" else "vCPU", c)) for s, c in {(e.source, e.cpu) for e in events}}
+    want = {(s, "host CPU %d" % c if s == "host" else "guest %s vCPU %d" % (s, c))
+            for s, c in {(e.source, e.cpu) for e in events}}
     assert threads == want
     xs = [e for e in evs if e["ph"] == "X"]
     inst = [e for e in evs if e["ph"] == "i"]

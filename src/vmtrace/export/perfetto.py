@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, Dict, Iterable, Iterator
 
-from vmtrace.export.timeline import Timeline, build, events_of
+from vmtrace.export.timeline import Timeline, model
 
 
 def _us(ns: int) -> float:
@@ -63,14 +63,14 @@ def trace_events(tl: Timeline) -> Iterator[Dict[str, Any]]:
 
 def chrome_trace(events: Any) -> dict:
     """The whole Chrome trace as a dict (for small traces and tests)."""
-    tl = build(events_of(events))
+    tl = model(events, fields=True)
     return {"traceEvents": list(trace_events(tl)), "displayTimeUnit": "ns",
             "otherData": {"generator": "vmtrace", "clock": "host CLOCK_MONOTONIC"}}
 
 
 def write_chrome_json(events: Any, path: str) -> str:
     """Write a Chrome trace JSON file, streaming the events list to keep memory flat."""
-    tl = build(events_of(events))
+    tl = model(events, fields=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write('{"displayTimeUnit":"ns","otherData":{"generator":"vmtrace",'
