@@ -88,6 +88,11 @@ def test_record_real_guest_matches_trace_cmd(tmp_path):
     assert ours.returncode == 0, ours.stderr[-500:]
     mine = Counter(m["event"] for m in _events(ours.stdout))
     assert mine == oracle
+    # and line for line: the guest's trace carries its kallsyms, which print fmts such as
+    # mm_page_alloc's (vmemmap_base + pfn) depend on
+    theirs = _report(dat).splitlines()
+    differ = [(a, b) for a, b in zip(theirs, ours.stdout.splitlines()) if a != b]
+    assert len(theirs) == len(ours.stdout.splitlines()) and not differ, differ[:3]
     assert len(oracle) >= 10        # sched, timer, kmem and irq events all came through
 
 

@@ -64,9 +64,27 @@ class FastKallsyms:
 
     def __init__(self, raw: Any, fallback: Any):
         self._raw = raw
+        self._text = raw if isinstance(raw, (bytes, bytearray, memoryview)) else None
         self._fallback = fallback
         self._addrs: Optional[np.ndarray] = None
         self._slow = False
+        self._named: Dict[str, Optional[int]] = {}
+
+    def address(self, name: str) -> Optional[int]:
+        """A symbol's address by name (rare: print fmts naming kernel variables)."""
+        if name in self._named:
+            return self._named[name]
+        text = bytes(self._text or b"")
+        addr: Optional[int] = None
+        if text and text[:2] != b"\x1f\x8b":
+            m = re.search(rb"^([0-9a-fA-F]+) \S+ " + re.escape(name.encode()) + rb"(?:[ \t]|$)",
+                          text, re.M)
+            if m and int(m.group(1), 16):
+                addr = int(m.group(1), 16)
+        elif self._fallback is not None and hasattr(self._fallback, "address"):
+            addr = self._fallback.address(name)
+        self._named[name] = addr
+        return addr
 
     def _load(self) -> None:
         raw = self._raw
@@ -558,7 +576,7 @@ class _Type:
         by_name = {fi.name: fi for fi in infos}
         # only the format and argument expressions: the per-event renderer is made if
         # and when some event of this type needs it
-        pf = compile_print_fmt(fmt.print_fmt or "", infos, symbols=r.ctx.symbol,
+        pf = compile_print_fmt(fmt.print_fmt or "", infos, symbols=r.ctx.symbol, atoms=r.ctx.address,
                                printk=r.printk_lookup, long_size=r.long_size, endian="<",
                                where=f"{fmt.system}:{name}", functions=False)
         if pf.failed or pf.namespace is None:

@@ -77,6 +77,7 @@ class KallSyms:
         self._addrs: Optional[List[int]] = None
         self._names: List[str] = []
         self._mods: List[str] = []
+        self._by_name: Optional[Dict[str, int]] = None
 
     def _load(self) -> None:
         raw = self._text
@@ -128,6 +129,21 @@ class KallSyms:
     def name(self, addr: int) -> Optional[str]:
         hit = self.lookup(addr)
         return hit[0] if hit else None
+
+    def address(self, name: str) -> Optional[int]:
+        """The address of symbol ``name`` (the lowest, if it appears more than once).
+
+        libtraceevent resolves an identifier in a print fmt that is not a field this
+        way, e.g. ``vmemmap_base`` in mm_page_alloc's page pointer.
+        """
+        if self._by_name is None:
+            if self._addrs is None:
+                self._load()
+            by: Dict[str, int] = {}
+            for a, n in zip(self._addrs or [], self._names):
+                by.setdefault(n, a)
+            self._by_name = by
+        return self._by_name.get(name)
 
     def format(self, addr: int, *, with_size: bool = True) -> str:
         """``sym+0xoff/0xsize`` like %pS (``sym+0xoff`` without size), hex if unknown."""

@@ -914,9 +914,11 @@ def _fold(code: str, consts: Mapping[str, Any]) -> Any:
 class _Gen:
     """Turns AST nodes into Python expressions over local variables f_<field>."""
 
-    def __init__(self, fields: Mapping[str, FieldInfo], long_size: int):
+    def __init__(self, fields: Mapping[str, FieldInfo], long_size: int,
+                 atoms: Optional[Callable[[str], Optional[int]]] = None):
         self.fields = fields
         self.long_size = long_size
+        self.atoms = atoms
         self.consts: dict[str, Any] = {}
         self.used: set[str] = set()
 
@@ -960,6 +962,11 @@ class _Gen:
         if t == "atom":
             if node[1] in ("true", "false"):
                 return ("1" if node[1] == "true" else "0"), "int", None
+            # a kernel variable (vmemmap_base): its kallsyms address, as libtraceevent
+            # does; without kallsyms it stays an atom and counts as 0
+            addr = self.atoms(node[1]) if self.atoms is not None else None
+            if addr is not None:
+                return repr(addr), "int", (64, False)
             return self.const(node[1]), "atom", None
         if t == "field":
             fi = self.fields.get(node[1])
@@ -1181,6 +1188,7 @@ def compile_print_fmt(
     endian: str = "<",
     where: str = "print fmt",
     functions: bool = True,
+    atoms: Optional[Callable[[str], Optional[int]]] = None,
 ) -> PrintFmt:
     """Compile ``text`` (the part after ``print fmt:``) for an event with ``fields``.
 
@@ -1202,7 +1210,7 @@ def compile_print_fmt(
     pf = PrintFmt(text=text, fmt=fmt, fields=tuple(infos.values()))
     try:
         args = _Parser(_tokenize(argtext)).args() if argtext.strip() else []
-        src, consts, used, body = _codegen(fmt, args, infos, long_size, endian)
+        src, consts, used, body = _codegen(fmt, args, infos, long_size, endian, atoms)
     except (_Unsupported, FormatError) as exc:
         pf.failed = str(exc)
         return pf
@@ -1250,8 +1258,8 @@ def _make_printk(printk: Optional[PrintkLookup]) -> Callable[[Any], str]:
 
 
 def _codegen(fmt: str, args: list, infos: Mapping[str, FieldInfo], long_size: int,
-             endian: str = "<"):
-    g = _Gen(infos, long_size)
+             endian: str = "<", atoms: Optional[Callable[[str], Optional[int]]] = None):
+    g = _Gen(infos, long_size, atoms)
     pieces = _parse_format(fmt)
     out_fmt = []
     out_args = []

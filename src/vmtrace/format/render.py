@@ -47,6 +47,11 @@ class _Ctx:
         self._ks = kallsyms
         self._cache: Dict[int, Optional[tuple]] = {}
 
+    def address(self, name: str) -> Optional[int]:
+        """A kernel symbol's address, for identifiers in print fmts that are not fields."""
+        find = getattr(self._ks, "address", None)
+        return find(name) if find is not None else None
+
     def symbol(self, addr: int) -> Optional[tuple]:
         hit = self._cache.get(addr, 0)
         if hit == 0:
@@ -87,7 +92,7 @@ class TextRenderer:
         name = getattr(fmt, "name", "") or "(NULL)"
         col = event_name_column(name)
         fields = [field_info(f, self.long_size) for f in fmt.fields]
-        pf = compile_print_fmt(fmt.print_fmt or "", fields, symbols=self.ctx.symbol,
+        pf = compile_print_fmt(fmt.print_fmt or "", fields, symbols=self.ctx.symbol, atoms=self.ctx.address,
                                printk=self._printk, long_size=self.long_size,
                                endian=getattr(fmt, "endian", "<"),
                                where=f"{fmt.system}:{name}")
