@@ -44,7 +44,18 @@ def _finish(p: subprocess.Popen, sig=None) -> str:
     except subprocess.TimeoutExpired:
         p.kill()
         _, err = p.communicate()
+    _remove_instance(getattr(p, "instance", None))
     return err.decode(errors="replace")
+
+
+def _remove_instance(name) -> None:
+    """An agent killed on purpose cannot remove its instance; do it for it."""
+    if name and os.path.isdir(os.path.join("/sys/kernel/tracing/instances", name)):
+        from vmtrace.tracefs import Tracefs
+        try:
+            Tracefs(instance=name).remove()
+        except VmtraceError:
+            pass
 
 
 def _workload(seconds: float) -> threading.Thread:
