@@ -158,13 +158,13 @@ def test_corrupt_pages(mutate, what):
     assert batch.ts.tolist()[:2] == [50, 51] and batch.ts.tolist()[-2:] == [50, 51]
 
 
-def _capture_raw(tmp_path, events, workload, name):
+def _capture_raw(tmp_path, events, workload, name, buffer_kb=512):
     """Read every page of a private instance's trace_pipe_raw files (real kernel pages)."""
     from vmtrace.tracefs import Tracefs, is_eagain
     tf = Tracefs.create_instance(name)
     try:
         tf.tracing_on = False
-        tf.buffer_size_kb = 512
+        tf.buffer_size_kb = buffer_kb
         tf.enable_events(events)
         tf.clear()
         tf.tracing_on = True
@@ -198,13 +198,19 @@ def test_real_pages_match_kernel_counts(tmp_path):
     hp, he, per_cpu = _capture_raw(
         tmp_path, ["sched", "timer", "kmem", "irq", "syscalls"],
         f"for i in $(seq 10); do ls / > /dev/null; echo $i > {tmp_path}/f; sleep 0.002; done",
-        f"vmtrace-decoder-rb-{os.getpid()}")
+        f"vmtrace-decoder-rb-{os.getpid()}", buffer_kb=4096)
     lay = layout_from_headers(hp, he)
     total = 0
     for cpu, (raw, stats) in per_cpu.items():
         batch = decode_pages(raw, lay, cpu, source=f"cpu{cpu}")
         assert len(batch) == stats.read_events, (cpu, stats)
         assert (np.diff(batch.ts.astype(np.int64)) >= 0).all()
-        assert sum(m.count for m in batch.lost if m.count > 0) == stats.overrun
+        # The kernel stores the missed count after the data only when the page has
+        # room; otherwise the page is flagged with the count unknown (-1).
+        known = sum(m.count for m in batch.lost if m.count > 0)
+        if any(m.count < 0 for m in batch.lost):
+            assert stats.overrun >= known, (cpu, stats, batch.lost)
+        else:
+            assert known == stats.overrun, (cpu, stats, batch.lost)
         total += len(batch)
     assert total > 100

@@ -159,3 +159,32 @@ class AgentLink:
 
     def call(self, name: str, timeout: float = 5.0, **fields: Any) -> Optional[protocol.Message]:
         return self.wait(self.send(name, **fields), timeout)
+
+    def call_idempotent(self, name: str, timeout: float, every: float = 5.0,
+                        **fields: Any) -> Optional[protocol.Message]:
+        """:meth:`call` for a request that may safely arrive twice, resent every ``every``
+        seconds until one reply comes or ``timeout`` runs out.
+
+        A frame can be lost while a virtio-serial port's host side reconnects (the guest
+        sees a late hang-up and voids what it had half read); a slow guest is also given
+        the whole timeout, since any of the sent copies may be the one answered.
+        """
+        deadline = time.monotonic() + timeout
+        sent = []
+        while True:
+            rid = self.send(name, **fields)
+            if rid is not None:
+                sent.append(rid)
+            step_end = min(deadline, time.monotonic() + every)
+            while True:
+                for r in sent:
+                    if r in self.replies:
+                        rep = self.replies.pop(r)
+                        for other in sent:
+                            self.replies.pop(other, None)
+                        return rep
+                if time.monotonic() >= step_end or self.eof:
+                    break
+                self.pump(min(0.1, max(0.0, step_end - time.monotonic())))
+            if time.monotonic() >= deadline or self.eof:
+                return None

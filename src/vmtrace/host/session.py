@@ -250,11 +250,11 @@ class Session:
         conf["buffer_percent"] = 50
         # Enabling tracepoints patches kernel text with every vCPU brought to a halt; in
         # a TCG guest on a busy host that alone took over 10 s, so allow a minute.
-        rep = link.call("configure", 60.0, **conf)
+        rep = link.call_idempotent("configure", 60.0, **conf)
         if rep is None or rep.name != "ok":
             why = rep.get("message") if rep is not None else "no reply"
             raise VmtraceError("%s: agent refused the configuration: %s" % (g.name, str(why)[:200]))
-        rep = link.call("metadata", 30.0, kallsyms=self.opts.kallsyms)
+        rep = link.call_idempotent("metadata", 30.0, every=10.0, kallsyms=self.opts.kallsyms)
         if rep is None or rep.name != "metadata":
             raise VmtraceError("%s: agent sent no metadata" % g.name)
         if len(rep.blob) > self.opts.max_metadata:
