@@ -194,6 +194,13 @@ def overhead_png(doc: Dict[str, Any], path: Path) -> Path:
     p = doc.get("params", {})
     fig.suptitle("workload score per collector (median, min-max; %s s x %s reps)" % (p.get("seconds"), p.get("reps")),
                  fontsize=10)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Write a finished chart as PNG; a path we cannot write is a one-line error."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,12 +284,4 @@ def generic_png(doc: Dict[str, Any], path: Path, title: str) -> Optional[Path]:
            yerr=[[m - min(s) for m, (_, s) in zip(med, rows)], [max(s) - m for m, (_, s) in zip(med, rows)]])
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise VmtraceError("cannot write %s: %s" % (path, exc.strerror))
-    finally:
-        plt.close(fig)
-    return path
+    return _save_figure(fig, path)

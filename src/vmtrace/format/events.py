@@ -495,16 +495,7 @@ def _dyn_strings_impl(fmt: "EventFormat", f: Field, raw: np.ndarray, words: np.n
     out = np.empty(n, dtype=object)
     if n == 0:
         return out
-    w = words.astype(np.int64)
-    start = (w & 0xFFFF) + (f.offset + 4 if f.rel else 0)
-    length = w >> 16
-    bad = short | (start + length > lens.astype(np.int64))
-    if bad.any() and not keep_going:
-        i = int(np.nonzero(bad & ~short)[0][0]) if (bad & ~short).any() else int(np.nonzero(bad)[0][0])
-        raise FormatError(f"{fmt.full_name}: field {f.name!r} points at bytes {int(start[i])}.."
-                          f"{int(start[i] + length[i])} past the payload end {int(lens[i])}",
-                          offset=int(offs[i]))
-    absolute = offs.astype(np.int64) + start
+    absolute, length, bad = _dyn_locations(fmt, f, words, offs, lens, short, keep_going)
     out[bad] = None
     good = ~bad
     for L in np.unique(length[good]).tolist():

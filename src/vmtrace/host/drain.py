@@ -448,14 +448,7 @@ class Drainer:
     def _read_into_patch(self, s: Stream, avail: int) -> int:
         page = s.patch
         assert page is not None
-        try:
-            n = os.readv(s.src, [memoryview(page)[s.patch_have:][:avail]])
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                return 0
-            raise
+        n = _read_source(s.src, memoryview(page)[s.patch_have:][:avail])
         if n <= 0:
             return 0
         s.received += n
@@ -481,14 +474,7 @@ class Drainer:
 
     def _drop(self, s: Stream, n: int) -> int:
         P = s.page
-        try:
-            got = os.readv(s.src, [memoryview(self._scratch)[:n]])
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                return 0
-            raise
+        got = _read_source(s.src, memoryview(self._scratch)[:n])
         if got <= 0:
             return 0
         r = s.received
@@ -592,3 +578,16 @@ class Drainer:
             for k in t:
                 t[k] += int(st[k])  # type: ignore[arg-type]
         return t
+
+
+def _read_source(fd: int, buf: memoryview) -> int:
+    """Read what a guest stream has into ``buf``: 0 when nothing is there now or the
+    writer has gone (EPIPE/ECONNRESET on sockets); other errors are real."""
+    try:
+        return os.readv(fd, [buf])
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            return 0
+        raise
