@@ -35,11 +35,11 @@ def _png_size_and_colours(path: str) -> tuple[int, int, int]:
 @pytest.mark.vm
 @pytest.mark.oracle
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)
 def test_demo_writes_a_trace_a_timeline_and_says_where(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run([VMTRACE, "demo", "--seconds", "2", "-o", str(out), "--accel", "tcg"],
-                         capture_output=True, text=True, timeout=150)
+                         capture_output=True, text=True, timeout=360)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     text = run.stdout

@@ -252,7 +252,7 @@ def test_seed_style_agent_with_formats(tmp_path):
     t = SeedAgent(lay, pages)
     t.start()
     with pytest.raises(VmtraceError, match="--formats"):
-        record([lay.path], outdir=str(tmp_path / "no"), duration=1, hello_timeout=0.5)
+        record([lay.path], outdir=str(tmp_path / "no"), duration=1, hello_timeout=0.5, connect_timeout=3.0)
     t.quit = True
     t.join(10)
     fmt = tmp_path / "formats"

@@ -347,7 +347,7 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
             t = time.monotonic()
             doc = record([ag.layout.path], outdir=outdir, duration=total, events=list(opts.events),
                          progress=progress, stop=stop, host_events=opts.host_events,
-                         hello_timeout=10.0)
+                         hello_timeout=10.0, connect_timeout=120.0)
             timings["record+write"] = time.monotonic() - t
             t = time.monotonic()
             if not stop.is_set():

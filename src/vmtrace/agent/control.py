@@ -3,7 +3,9 @@
 Nothing the host sends may crash or wedge the agent: every request is answered (frames
 with ``ok``/``error``), malformed input is reported and skipped, handler failures of any
 kind become ``error`` replies, and replies are written with a deadline so a host that
-asks but never reads cannot hang the agent.
+asks but never reads cannot hang the agent. The deadline counts from the last byte the
+host took, not from the start: a multi-megabyte metadata reply through a starved TCG
+guest's port can take longer than any fixed total while still moving.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from vmtrace.errors import VmtraceError
 if TYPE_CHECKING:  # pragma: no cover
     from vmtrace.agent.core import Agent
 
-REPLY_TIMEOUT = 10.0
+REPLY_IDLE_TIMEOUT = 30.0
 READ_CHUNK = 1 << 16
 
 
@@ -64,16 +66,17 @@ class ControlChannel:
             return None  # no reader on the reply FIFO
         return self._reply_fd
 
-    def send(self, data: bytes, timeout: float = REPLY_TIMEOUT) -> bool:
+    def send(self, data: bytes, idle_timeout: float = REPLY_IDLE_TIMEOUT) -> bool:
         fd = self._reply_target()
         if fd is None:
             return False
         view = memoryview(data)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + idle_timeout
         while view:
             try:
                 n = os.write(fd, view)
                 view = view[n:]
+                deadline = time.monotonic() + idle_timeout
                 continue
             except BlockingIOError:
                 pass
@@ -85,8 +88,8 @@ class ControlChannel:
                 return False
             left = deadline - time.monotonic()
             if left <= 0:
-                print("vmtrace-agent: host did not read a %d-byte reply within %.0fs; dropped the rest"
-                      % (len(data), timeout), file=sys.stderr)
+                print("vmtrace-agent: host took nothing of a %d-byte reply for %.0fs; dropped the "
+                      "last %d bytes" % (len(data), idle_timeout, len(view)), file=sys.stderr)
                 return False
             select.select([], [fd], [], min(left, 0.5))
         return True

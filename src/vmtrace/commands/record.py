@@ -47,9 +47,12 @@ def _list(text: Optional[str]):
 @click.option("--dir", "base", default=None, help="Where prepared guests live (as given to vmtrace prepare).")
 @click.option("--no-kallsyms", "kallsyms", is_flag=True, flag_value=False, default=True,
               help="Do not ask guests for /proc/kallsyms.")
+@click.option("--connect-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for each guest's agent to connect and answer (a Python agent in a "
+                   "TCG guest on a busy host can take many).")
 @click.option("--quiet", is_flag=True, help="No live progress table.")
 def command(guests, outdir, duration, events, clock, buffer_kb, host_events, formats_dir, file_version,
-            compression, max_size, max_metadata, keep_raw, base, kallsyms, quiet) -> None:
+            compression, max_size, max_metadata, keep_raw, base, kallsyms, connect_timeout, quiet) -> None:
     """Record GUEST... (names prepared with `vmtrace prepare`, or their directories)."""
     from rich.console import Console
     from rich.live import Live
@@ -59,10 +62,13 @@ def command(guests, outdir, duration, events, clock, buffer_kb, host_events, for
 
     if duration is not None and duration <= 0:
         raise VmtraceError("--duration must be positive")
+    if connect_timeout <= 0:
+        raise VmtraceError("--connect-timeout must be positive")
     opts = Options(outdir=outdir, duration=duration, events=_list(events), clock=clock, buffer_kb=buffer_kb,
                    host_events=_list(host_events), formats_dir=formats_dir, file_version=int(file_version),
                    compression=None if compression == "none" else compression, max_size=_size(max_size),
-                   max_metadata=_size(max_metadata) or (64 << 20), keep_raw=keep_raw, base=base, kallsyms=kallsyms)
+                   max_metadata=_size(max_metadata) or (64 << 20), keep_raw=keep_raw, base=base, kallsyms=kallsyms,
+                   connect_timeout=connect_timeout)
     stop = threading.Event()
     session = Session(list(guests), opts, stop=stop)
     err = Console(stderr=True, highlight=False)

@@ -34,6 +34,7 @@ class AgentLink:
         self.eof = False
         self._seq = 0
         self._seen_writer = False
+        self.last_rx = 0.0  # time.monotonic() of the last bytes read from the agent
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -130,6 +131,7 @@ class AgentLink:
                     time.sleep(min(timeout, 0.05))
                 break
             self._seen_writer = True
+            self.last_rx = time.monotonic()
             for item in self.decoder.feed(data):
                 if isinstance(item, protocol.ProtocolError):
                     self.garbage += 1
@@ -162,12 +164,14 @@ class AgentLink:
 
     def call_idempotent(self, name: str, timeout: float, every: float = 5.0,
                         **fields: Any) -> Optional[protocol.Message]:
-        """:meth:`call` for a request that may safely arrive twice, resent every ``every``
-        seconds until one reply comes or ``timeout`` runs out.
+        """:meth:`call` for a request that may safely arrive twice, resent after ``every``
+        quiet seconds until one reply comes or ``timeout`` runs out.
 
         A frame can be lost while a virtio-serial port's host side reconnects (the guest
         sees a late hang-up and voids what it had half read); a slow guest is also given
-        the whole timeout, since any of the sent copies may be the one answered.
+        the whole timeout, since any of the sent copies may be the one answered. While
+        bytes are arriving (a large metadata reply crawling out of a starved TCG guest)
+        nothing is resent: a second copy would only make the guest build it again.
         """
         deadline = time.monotonic() + timeout
         sent = []
@@ -183,8 +187,11 @@ class AgentLink:
                         for other in sent:
                             self.replies.pop(other, None)
                         return rep
-                if time.monotonic() >= step_end or self.eof:
-                    break
-                self.pump(min(0.1, max(0.0, step_end - time.monotonic())))
-            if time.monotonic() >= deadline or self.eof:
-                return None
+                now = time.monotonic()
+                if now >= deadline or self.eof:
+                    return None
+                if now >= step_end:
+                    if now - self.last_rx >= every:
+                        break
+                    step_end = min(deadline, self.last_rx + every)
+                self.pump(min(0.1, max(0.0, step_end - now)))

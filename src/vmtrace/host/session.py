@@ -42,6 +42,11 @@ from vmtrace.host.metadata import formats_metadata, finish_meta, check_metadata
 PROBE_PERIOD_S = 0.5
 STATS_PERIOD_S = 1.0
 HOST_NAME = "host"
+# Ceilings for waiting on a guest's agent. They only matter on a sick machine: a
+# healthy TCG guest answers each in about a second.
+CONFIGURE_TIMEOUT_S = 120.0
+METADATA_TIMEOUT_S = 120.0
+ORDER_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -62,7 +67,7 @@ class Options:
     keep_raw: bool = False
     base: Optional[str] = None
     hello_timeout: float = 2.0
-    connect_timeout: float = 15.0
+    connect_timeout: float = 30.0
     kallsyms: bool = True
 
 
@@ -227,9 +232,10 @@ class Session:
         # guest (Python under TCG takes seconds) the whole connect timeout to answer.
         wait = self.opts.hello_timeout if self.opts.formats_dir else self.opts.connect_timeout
         timeout = wait + (10.0 if g.process else 0.0)
-        hello = link.call("hello", timeout, version=protocol.VERSION, host=os.uname().nodename)
+        hello = link.call_idempotent("hello", timeout, every=10.0, version=protocol.VERSION,
+                                     host=os.uname().nodename)
         if hello is None or hello.name != "hello":
-            self._plain_setup(g)
+            self._plain_setup(g, timeout)
             return
         g.framed = True
         g.hello = dict(hello.fields)
@@ -249,12 +255,14 @@ class Session:
             conf["buffer_size_kb"] = int(self.opts.buffer_kb)
         conf["buffer_percent"] = 50
         # Enabling tracepoints patches kernel text with every vCPU brought to a halt; in
-        # a TCG guest on a busy host that alone took over 10 s, so allow a minute.
-        rep = link.call_idempotent("configure", 60.0, **conf)
+        # a TCG guest on a busy host that alone took over 10 s, and a starved host has
+        # left a vCPU unscheduled for 26 s (the guest's soft-lockup watchdog said so).
+        # These are ceilings for a sick machine; a healthy guest answers in a second.
+        rep = link.call_idempotent("configure", CONFIGURE_TIMEOUT_S, **conf)
         if rep is None or rep.name != "ok":
             why = rep.get("message") if rep is not None else "no reply"
             raise VmtraceError("%s: agent refused the configuration: %s" % (g.name, str(why)[:200]))
-        rep = link.call_idempotent("metadata", 30.0, every=10.0, kallsyms=self.opts.kallsyms)
+        rep = link.call_idempotent("metadata", METADATA_TIMEOUT_S, every=15.0, kallsyms=self.opts.kallsyms)
         if rep is None or rep.name != "metadata":
             raise VmtraceError("%s: agent sent no metadata" % g.name)
         if len(rep.blob) > self.opts.max_metadata:
@@ -265,12 +273,12 @@ class Session:
         g.clock = str(meta.get("clock") or clock or g.hello.get("clock") or "local")
         self._write_metadata(g)
 
-    def _plain_setup(self, g: Guest) -> None:
+    def _plain_setup(self, g: Guest, waited: float) -> None:
         """A seed-style agent: only ``1``/``0``; metadata must come from --formats."""
         if not self.opts.formats_dir:
-            raise VmtraceError("%s: the agent does not speak the vmtrace protocol (no hello reply in %.1f s); "
-                               "for a seed-style agent pass --formats DIR (a copy of the guest's tracefs "
-                               "events/ directory and header files)" % (g.name, self.opts.hello_timeout))
+            raise VmtraceError("%s: no hello reply from the agent in %.0f s: it is not running, not started "
+                               "yet (--connect-timeout), or a seed-style agent, which needs --formats DIR (a "
+                               "copy of the guest's tracefs events/ directory and header files)" % (g.name, waited))
         g.framed = False
         g.cpus = list(range(g.layout.cpus))
         g.clock = self.opts.clock or "local"
@@ -288,7 +296,7 @@ class Session:
         if g.framed:
             # seq: the agent writes `vmtrace-order kind=start seq=N`, checked like a probe
             g.order_seq += 1
-            rep = g.link.call("start", 10.0, seq=g.order_seq)
+            rep = g.link.call("start", ORDER_TIMEOUT_S, seq=g.order_seq)
             ok = rep is not None and rep.name == "ok"
         else:
             ok = g.link.order(True)
@@ -403,7 +411,7 @@ class Session:
                 g.orders.append(["stop", t0, None])
                 if not ok:
                     g.problems.append("could not send the stop order")
-        deadline = time.monotonic() + 15.0
+        deadline = time.monotonic() + ORDER_TIMEOUT_S
         for g in live:
             if g.name not in sent:
                 continue
@@ -426,7 +434,7 @@ class Session:
                 continue
             if g.framed and g.link is not None and not g.link.eof:
                 t0 = time.monotonic_ns()
-                rep = g.link.call("bye", 10.0)
+                rep = g.link.call("bye", ORDER_TIMEOUT_S)
                 g.orders.append(["bye", t0, time.monotonic_ns() if rep is not None else None])
                 if rep is not None and isinstance(rep.get("stats"), dict):
                     g.agent_stats = rep.fields["stats"]
@@ -440,7 +448,7 @@ class Session:
         """
         if not g.framed or g.link is None or g.link.eof:
             return
-        rep = g.link.call("metadata", 30.0, kallsyms=False)
+        rep = g.link.call_idempotent("metadata", METADATA_TIMEOUT_S / 2, every=15.0, kallsyms=False)
         if rep is None or rep.name != "metadata" or len(rep.blob) > self.opts.max_metadata:
             g.problems.append("could not refresh saved_cmdlines after the stop")
             return
