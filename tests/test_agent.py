@@ -524,3 +524,36 @@ def test_zipapp_runs_alone_under_python39_with_ctypes_splice(inst, tmp_path):
     assert meta["agent"]["splice"] == "ctypes"
     if py39.exists():
         assert meta["agent"]["python"].startswith("3.9.")
+
+
+@pytest.mark.tracefs
+def test_configure_again_with_the_same_settings_writes_nothing(inst, tmp_path):
+    """The host resends a configure that got no answer in time (a starved guest). The
+    copy must not disable and re-enable the events, nor reset clock or buffer: each of
+    those halts every vCPU or wipes the buffer."""
+    from vmtrace.agent.core import Agent, Options
+
+    agent = Agent(Options(instance=inst.instance, output_dir=str(tmp_path / "out")))
+    writes: list = []
+    real_write = agent.tf.write
+
+    def spy(rel, value, append=False):
+        writes.append(rel)
+        return real_write(rel, value, append)
+
+    agent.tf.write = spy
+    fields = {"events": ["sched", "timer:hrtimer_start"], "clock": "mono", "buffer_size_kb": 1024,
+              "buffer_percent": 25}
+    agent.configure(fields)
+    first = list(writes)
+    assert "events/enable" in first and "trace_clock" in first and "buffer_size_kb" in first
+    assert set(inst.enabled_events()) == {"%s:%s" % p for p in inst.event_ids(["sched", "timer:hrtimer_start"])}
+    del writes[:]
+    agent.configure(fields)
+    heavy = [w for w in writes if w.endswith("enable") or w in ("trace_clock", "buffer_size_kb")]
+    assert heavy == [], writes
+    # a different event set is applied in full
+    agent.configure({"events": ["sched:sched_switch"]})
+    assert inst.enabled_events() == ["sched:sched_switch"]
+    agent.tf.write = real_write
+    agent.tf.restore(agent.saved)

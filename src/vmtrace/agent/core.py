@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from vmtrace import protocol
 from vmtrace.agent import VERSION, metadata, ports
@@ -99,6 +99,7 @@ class Agent:
         self.running = False
         self.started_once = False
         self.saved: Optional[Settings] = None
+        self._size_set: Optional[Tuple[int, int]] = None  # (asked, read back) at the last configure
         self.configured = False
         self.exit_reason: Optional[str] = None
         self.controller: Optional[Controller] = None
@@ -262,13 +263,22 @@ class Agent:
                 self.saved = self.tf.snapshot()
             self.configured = True
             self.tf.tracing_on = False
+            # Only what differs is written. Enabling tracepoints patches kernel text with
+            # every vCPU halted, and a new clock or size resets the buffer: in a starved
+            # TCG guest that took tens of seconds, and the host resends a configure that
+            # got no answer, which must then cost nothing.
             if events is not None:
-                self.tf.disable_all_events()
-                self.tf.enable_events(events)
-            if clock is not None:
+                want = {"%s:%s" % pair for pair in self.tf.event_ids(events)}
+                if set(self.tf.enabled_events()) != want:
+                    self.tf.disable_all_events()
+                    self.tf.enable_events(events)
+            if clock is not None and clock != self.tf.clock:
                 self.tf.clock = clock
-            if size is not None:
+            # The kernel rounds the size to whole pages (1024 reads back as 1027), so a
+            # size counts as set if we set it and it still reads back the same.
+            if size is not None and self._size_set != (size, self.tf.buffer_size_kb):
                 self.tf.buffer_size_kb = size
+                self._size_set = (size, self.tf.buffer_size_kb)
             if pct is not None:
                 self.tf.buffer_percent = pct
             # A new clock or size resets the ring buffer and its counters: carry what was
