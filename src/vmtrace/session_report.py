@@ -1,4 +1,5 @@
-"""`vmtrace report SESSION_DIR`: host and guests on one timeline, as text, JSON or HTML.
+"""`vmtrace report SESSION_DIR`: host and guests on one timeline, as text, JSON, HTML
+or a Perfetto trace (protobuf or Chrome JSON).
 
 Each source keeps its own metadata (event formats, cmdlines, kallsyms differ between
 a guest and the host), so every line is rendered by its own source's trace-cmd-style
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict, Iterator, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, TextIO
 
-from vmtrace.merge import LOST, MergedEvent, Session, to_json
+from vmtrace.merge import LOST, MergedEvent, Session, event_name, to_json
 
 
 class _Sources:
@@ -112,3 +113,50 @@ def write_html(session_dir: str, out: str) -> str:
         return _write(merged, out, title="vmtrace session %s" % session_dir)
     finally:
         src.close()
+
+
+class Tally:
+    """Counts what an export consumed, for the one-line summary the CLI prints."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.lost = 0
+        self.sources: set = set()
+
+    def watch(self, events: Iterable[Any]) -> Iterator[Any]:
+        for e in events:
+            if event_name(e) == LOST:
+                self.lost += 1
+            else:
+                self.events += 1
+            self.sources.add(getattr(e, "source", ""))
+            yield e
+
+    def summary(self, path: str) -> str:
+        k = len(self.sources)
+        lost = " and %d lost-events marker%s" % (self.lost, "" if self.lost == 1 else "s") if self.lost else ""
+        return "wrote %d events%s from %d source%s to %s" % (self.events, lost, k, "" if k == 1 else "s", path)
+
+
+def write_perfetto(session_dir: str, out: str) -> Tally:
+    """The merged session as a Perfetto protobuf trace, one machine per source."""
+    from vmtrace.export.perfetto_proto import write_perfetto as _write
+
+    return _export(session_dir, out, _write)
+
+
+def write_chrome(session_dir: str, out: str) -> Tally:
+    """The merged session as Chrome trace JSON (one process per source)."""
+    from vmtrace.export.perfetto import write_chrome_json
+
+    return _export(session_dir, out, write_chrome_json)
+
+
+def _export(session_dir: str, out: str, write: Callable[[Any, str], Any]) -> Tally:
+    tally = Tally()
+    session, merged, src = open_merged(session_dir)
+    try:
+        write(tally.watch(merged), out)
+    finally:
+        src.close()
+    return tally

@@ -1,8 +1,8 @@
 """`vmtrace report FILE`: print a trace like `trace-cmd report`, or export it.
 
 Thin: opening and decoding is :mod:`vmtrace.api`, text is :mod:`vmtrace.format.render`,
-JSON lines and Parquet are :mod:`vmtrace.export`. What lives here is option handling
-and the trace-cmd conventions of which buffers are printed and how.
+JSON lines, Parquet and the Perfetto traces are :mod:`vmtrace.export`. What lives here
+is option handling and the trace-cmd conventions of which buffers are printed and how.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def _seconds(text: Optional[str], opt: str) -> Optional[int]:
 # What --formats takes from a copy of the guest's tracefs (names as in the raw layout).
 _FORMAT_FILES = ("header_page", "header_event", "saved_cmdlines", "printk_formats", "kallsyms")
 _MAX_FORMAT_FILE = 64 << 20
+_NEEDS_OUTPUT = ("parquet", "perfetto", "chrome")     # binary or whole-file formats
 
 
 def _seed_dir_view(path: str, formats: str, tmp: str) -> str:
@@ -199,8 +200,10 @@ def _write_text(trace: Any, out: Optional[str], **sel: Any) -> None:
 
 @click.command("report")
 @click.argument("file", type=click.Path(exists=False, dir_okay=True))
-@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "parquet"]), default="text",
-              show_default=True, help="text is identical to `trace-cmd report`.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "parquet", "perfetto", "chrome"]),
+              default="text", show_default=True,
+              help="text is identical to `trace-cmd report`; perfetto (protobuf, e.g. -o "
+                   "x.perfetto-trace) and chrome (JSON) open in https://ui.perfetto.dev.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
 @click.option("--events", help="Comma-separated system or system:event (globs allowed).")
 @click.option("--cpu", "cpu", help="CPUs to show, e.g. 0,2-3.")
@@ -218,8 +221,8 @@ def command(file: str, fmt: str, out: Optional[str], events: Optional[str], cpu:
     A session directory from `vmtrace record --host-events` prints host and guests
     interleaved on the host's clock, each line tagged with its source.
     """
-    if fmt == "parquet" and not out:
-        raise VmtraceError("--format parquet needs -o FILE")
+    if fmt in _NEEDS_OUTPUT and not out:
+        raise VmtraceError(f"--format {fmt} needs -o FILE")
     from vmtrace.merge import is_session_dir
     if is_session_dir(file):
         _session(file, fmt, out, html, bool(events or cpu or start or end or stats or formats))
@@ -255,6 +258,9 @@ def _session(path: str, fmt: str, out: Optional[str], html: Optional[str], filte
         from vmtrace.export.session_parquet import write_session_parquet
         from vmtrace.merge import Session
         write_session_parquet(Session(path), out)
+    elif fmt in ("perfetto", "chrome"):
+        write = session_report.write_perfetto if fmt == "perfetto" else session_report.write_chrome
+        _summary(_writing(out, lambda: write(path, out)), out)
     else:
         session_report.write_text(path, out)
 
@@ -277,6 +283,8 @@ def _run(trace: Any, file: str, fmt: str, out: Optional[str], events: Optional[s
         elif fmt == "parquet":
             from vmtrace.export.parquet import write_parquet
             write_parquet(trace, out, cpus=cpus, events=evs, start=s, end=e)
+        elif fmt in ("perfetto", "chrome"):
+            _view(trace, fmt, out, cpus=cpus, events=evs, start=s, end=e)
         else:
             _write_text(trace, out, cpus=cpus, events=evs, start=s, end=e)
         if keep_going and trace.problems:
@@ -285,3 +293,41 @@ def _run(trace: Any, file: str, fmt: str, out: Optional[str], events: Optional[s
                   f"{trace.problems[0][1].what})", file=sys.stderr)
     finally:
         trace.close()
+
+
+class _Selected:
+    """The trace as the Perfetto exporters see it: the same object (so it keeps its name
+    and machine identity), but its events are the command line's selection, counted."""
+
+    def __init__(self, trace: Any, tally: Any, **sel: Any) -> None:
+        self._trace, self._tally, self._sel = trace, tally, sel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trace, name)
+
+    def events(self, **_: Any) -> Iterator[Any]:
+        return self._tally.watch(self._trace.events(**self._sel))
+
+
+def _view(trace: Any, fmt: str, out: str, **sel: Any) -> None:
+    """One trace as a Perfetto protobuf trace or Chrome JSON."""
+    from vmtrace.session_report import Tally
+    if fmt == "perfetto":
+        from vmtrace.export.perfetto_proto import write_perfetto as write
+    else:
+        from vmtrace.export.perfetto import write_chrome_json as write
+    tally = Tally()
+    _writing(out, lambda: write(_Selected(trace, tally, **sel), out))
+    _summary(tally, out)
+
+
+def _writing(out: str, write: Any) -> Any:
+    """Run an export; a file it cannot open is a one-line error, not a traceback."""
+    try:
+        return write()
+    except OSError as exc:
+        raise VmtraceError(f"{exc.filename or out}: {exc.strerror or exc}") from None
+
+
+def _summary(tally: Any, out: str) -> None:
+    print(f"vmtrace: {tally.summary(out)}", file=sys.stderr)

@@ -8,8 +8,10 @@ events (``ph: X``) named after the running task; every other event is a thread-s
 instant (``ph: i``) carrying its fields as ``args``. Timestamps are the host's
 CLOCK_MONOTONIC in microseconds with nanosecond decimals, so guests and host line up.
 
-Perfetto's protobuf format is not written: there is no Perfetto trace processor here to
-verify such files against, and an unverified binary format is worse than none.
+Perfetto's own protobuf format, with ftrace events in their native form (so Perfetto
+builds its own scheduling tracks, thread states and per-machine CPUs), is written by
+:mod:`vmtrace.export.perfetto_proto`; this JSON remains for chrome://tracing and for
+views that want vmtrace's own slices.
 """
 from __future__ import annotations
 
