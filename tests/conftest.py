@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import realtrace  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
+
+# Lab guests booted by the tests print kernel warnings too, so that a soft lockup seen in
+# CI comes with its stack trace in the failing test's output (see lab.qemu.kernel_cmdline).
+os.environ.setdefault("VMTRACE_GUEST_LOGLEVEL", "5")
+# ...and every TCG guest, the benchmark's too, runs its vCPUs in one host thread: with a
+# thread per vCPU a guest on a loaded CI host wedged while enabling tracepoints.
+os.environ.setdefault("VMTRACE_TCG_THREAD", "single")
 
 
 def pytest_collection_modifyitems(config, items):

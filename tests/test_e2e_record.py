@@ -143,6 +143,9 @@ phase stall
 taskset -c 0 pingpong {stall} > /tmp/stall
 echo "VMTRACE-DEMO SCORE stall pingpong $(cat /tmp/stall)"
 phase resume
+# A quiet moment before the load: the agent is still sending the stall's backlog, and
+# at pingpong's rate the 64 KB ring buffer would overwrite the marker's page first.
+sleep 2
 taskset -c 0 pingpong 1 > /tmp/after
 echo "VMTRACE-DEMO SCORE after pingpong $(cat /tmp/after)"
 """

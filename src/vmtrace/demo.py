@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -203,11 +202,8 @@ class AgentGuest:
             raise
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is not None and "PYTEST_CURRENT_TEST" in os.environ:
-            # Under pytest, a failing VM test shows what the guest said (the agent's
-            # messages, a kernel BUG): the only trace left of a failure seen in CI.
-            tail = self.guest.console[-40:]
-            sys.stderr.write("--- guest console, last %d lines ---\n%s\n" % (len(tail), "\n".join(tail)))
+        if exc_type is not None:
+            self.guest.show_console_under_pytest()
         self.close()
 
     def close(self) -> None:

@@ -363,7 +363,8 @@ def run(cfg: ov.Config, progress: Optional[Callable[[str], None]] = None) -> dic
     try:
         say("booting the lab guest (TCG, %d vCPUs): %d runs" % (GUEST_CPUS, len(plan)))
         with Guest(image, script=script, files=files, qemu_args=lay.qemu_args(), smp=GUEST_CPUS,
-                   memory_mb=GUEST_MEM_MB, accel="tcg", workdir=work / "qemu", on_line=on_line) as g:
+                   memory_mb=GUEST_MEM_MB, accel="tcg", workdir=work / "qemu", on_line=on_line,
+                   tcg_thread="multi") as g:
             t_boot = time.monotonic()
             ready = g.wait_ready(120)
             boot_s = round(time.monotonic() - t_boot, 1)

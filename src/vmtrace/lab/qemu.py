@@ -23,6 +23,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -98,8 +99,15 @@ def make_initrd(image: LabImage, dest: Path, script: str,
 
 
 def kernel_cmdline(nonce: str, ports: int, append: str = "") -> str:
-    """Quiet serial console, QEMU exits on panic, and what our /init reads."""
-    return (f"console=ttyS0 quiet loglevel=3 panic=-1 vmtrace.nonce={nonce} "
+    """Quiet serial console, QEMU exits on panic, and what our /init reads.
+
+    ``VMTRACE_GUEST_LOGLEVEL`` (default 3: errors only) lets the tests ask for warnings
+    too, so that a kernel BUG in a CI guest comes with its stack trace.
+    """
+    level = os.environ.get("VMTRACE_GUEST_LOGLEVEL", "3")
+    if not (level.isdigit() and int(level) <= 8):
+        raise VmtraceError("VMTRACE_GUEST_LOGLEVEL must be 0..8, not %r" % level)
+    return (f"console=ttyS0 quiet loglevel={level} panic=-1 vmtrace.nonce={nonce} "
             f"vmtrace.ports={ports} {append}").strip()
 
 
@@ -153,7 +161,7 @@ class Guest:
                  accel: str = "tcg", workdir: Optional[Path] = None,
                  console_log: Optional[Path] = None,
                  on_line: Optional[Callable[[str], None]] = None,
-                 append: str = "", files_port: bool = False) -> None:
+                 append: str = "", files_port: bool = False, tcg_thread: str = "single") -> None:
         if shutil.which(QEMU) is None:
             raise VmtraceError(f"{QEMU} not found: apt-get install qemu-system-x86 (make deps does it)")
         self.image = image
@@ -187,8 +195,19 @@ class Guest:
                                "name=vmtrace-lab-files"]
         initrd = make_initrd(image, self.workdir / "initrd.img", script, files)
         cmdline = kernel_cmdline(self.nonce, count_serial_ports(self.qemu_args), append)
+        # TCG runs every vCPU in one host thread by default. With one thread per vCPU
+        # (thread=multi, QEMU 7.2), a guest on a loaded host wedged for good while
+        # enabling tracepoints: text_poke_bp's IPI to the other vCPU was never handled
+        # (soft lockup in smp_call_function_many_cond, 26 s in CI, 105 s here). One thread
+        # makes the vCPUs take turns: slower, but it never wedged. `vmtrace bench
+        # --guest` asks for multi, since its figures need vCPUs that really run side by
+        # side; VMTRACE_TCG_THREAD overrides both (the tests set single).
+        thread = os.environ.get("VMTRACE_TCG_THREAD", tcg_thread)
+        if thread not in ("single", "multi"):
+            raise VmtraceError("VMTRACE_TCG_THREAD must be single or multi, not %r" % thread)
+        self.tcg_thread = thread
         accel_args = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
-            ["-accel", "tcg,thread=multi"]
+            ["-accel", "tcg,thread=%s" % thread]
         self.argv = [QEMU, "-nodefaults", "-no-user-config", "-display", "none",
                      "-serial", "stdio", "-no-reboot", *accel_args,
                      "-smp", str(smp), "-m", str(memory_mb),
@@ -212,8 +231,17 @@ class Guest:
     def __enter__(self) -> "Guest":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.show_console_under_pytest()
         self.close()
+
+    def show_console_under_pytest(self, lines: int = 80) -> None:
+        """Under pytest, a failing VM test shows what the guest said (the agent's messages,
+        a kernel BUG): in CI that is the only trace left of the failure."""
+        if "PYTEST_CURRENT_TEST" in os.environ:
+            tail = self.console[-lines:]
+            sys.stderr.write("--- guest console, last %d lines ---\n%s\n" % (len(tail), "\n".join(tail)))
 
     @property
     def running(self) -> bool:
