@@ -176,8 +176,8 @@ def test_host_that_stops_reading_does_not_slow_the_guest(tmp_path):
         readers.extend(PausableReader(lay.cpu(c) + ".out", raw / ("cpu%d" % c)) for c in range(2))
         link = AgentLink.fifo("stall", lay.ctl)
         try:
-            # Generous ceilings, as in `vmtrace record`: a starved CI host has left this
-            # TCG guest's vCPU unscheduled for 26 s.
+            # Generous ceilings, as in `vmtrace record`: a TCG guest on a loaded CI host
+            # can take tens of seconds to enable tracepoints.
             hello = link.call_idempotent("hello", 60, every=10, version=protocol.VERSION)
             assert hello is not None and hello.name == "hello" and hello.get("cpus") == [0, 1]
             # A small ring buffer read in small chunks. While the host does not read, the

@@ -254,10 +254,10 @@ class Session:
         if self.opts.buffer_kb:
             conf["buffer_size_kb"] = int(self.opts.buffer_kb)
         conf["buffer_percent"] = 50
-        # Enabling tracepoints patches kernel text with every vCPU brought to a halt; in
-        # a TCG guest on a busy host that alone took over 10 s, and a starved host has
-        # left a vCPU unscheduled for 26 s (the guest's soft-lockup watchdog said so).
-        # These are ceilings for a sick machine; a healthy guest answers in a second.
+        # Enabling tracepoints patches kernel text and waits for every other vCPU to
+        # answer an IPI; in a TCG guest on a busy host that alone took over 10 s (and
+        # with a host thread per vCPU it could wedge for good: docs/lab.md). These are
+        # ceilings for a sick machine; a healthy guest answers in about a second.
         rep = link.call_idempotent("configure", CONFIGURE_TIMEOUT_S, **conf)
         if rep is None or rep.name != "ok":
             why = rep.get("message") if rep is not None else "no reply"
