@@ -71,6 +71,28 @@ def _feed(w: int, data: bytes, chunk: int, pause_every: int = 0) -> threading.Th
     return t
 
 
+def _finish_reading(dr: Drainer, out_r: int, out_w: int) -> bytes:
+    """Let the drainer run to EOF while the output pipe, which nobody read so far, is
+    read to its end (closing both ends); return what came out."""
+    got = bytearray()
+
+    def reader():
+        while True:
+            b = os.read(out_r, 1 << 16)
+            if not b:
+                return
+            got.extend(b)
+
+    rt = threading.Thread(target=reader, daemon=True)
+    rt.start()
+    _wait_eof(dr)
+    dr.stop()
+    os.close(out_w)
+    rt.join(10)
+    os.close(out_r)
+    return bytes(got)
+
+
 def _wait_eof(dr: Drainer, timeout: float = 20.0) -> None:
     end = time.monotonic() + timeout
     while not all(s.eof for s in dr.streams):
@@ -144,24 +166,9 @@ def test_stuck_writer_drops_whole_pages_exactly(tmp_path, chunk):
     t = _feed(w, data, chunk)
     t.join(30)
     assert not t.is_alive(), "the producer was held up: the guest would stall"
-    got = bytearray()
-
-    def reader():
-        while True:
-            b = os.read(out_r, 1 << 16)
-            if not b:
-                return
-            got.extend(b)
-
-    rt = threading.Thread(target=reader, daemon=True)
-    rt.start()
-    _wait_eof(dr)
-    dr.stop()
-    os.close(out_w)
-    rt.join(10)
-    os.close(out_r)
+    got = _finish_reading(dr, out_r, out_w)
     st = s.stats()
-    nums = _check_subsequence(bytes(got), total)
+    nums = _check_subsequence(got, total)
     assert st["received"] == len(data)
     assert st["written"] == len(got)
     assert st["written"] + st["dropped"] == st["received"]
@@ -308,26 +315,11 @@ def test_dropped_pages_show_as_a_drop_marker_in_trace_cmd(tmp_path):
     t = _feed(w, bytes(pages), PAGE)
     t.join(30)
     assert not t.is_alive()
-    got = bytearray()
-
-    def reader():
-        while True:
-            b = os.read(out_r, 1 << 16)
-            if not b:
-                return
-            got.extend(b)
-
-    rt = threading.Thread(target=reader, daemon=True)
-    rt.start()
-    _wait_eof(dr)
-    dr.stop()
-    os.close(out_w)
-    rt.join(10)
-    os.close(out_r)
+    got = _finish_reading(dr, out_r, out_w)
     st = s.stats()
     assert st["dropped_pages"] > 0 and s.marked >= 1
     cpu_file = tmp_path / "cpu"
-    cpu_file.write_bytes(bytes(got))
+    cpu_file.write_bytes(got)
     dat = tmp_path / "marked.dat"
     write_tracedat(str(dat), md, {cpu: str(cpu_file)})
     rep = subprocess.run(["trace-cmd", "report", "-i", str(dat)], capture_output=True, text=True, timeout=60)
