@@ -114,6 +114,14 @@ def test_catalog_lookup_and_match():
     assert cat.match(["sched"]) == [372] and cat.match(["*:dyn", "sched:sched_s*"]) == [9, 372]
 
 
+def _by_type(tr):
+    """Every batch of every CPU, split by event type: (batch, format, row indices)."""
+    for cpu in tr.cpus():
+        for batch in tr.batches(cpu):
+            for t in np.unique(batch.type_id).tolist():
+                yield batch, tr.catalog.get(t), np.nonzero(batch.type_id == t)[0]
+
+
 @pytest.mark.tracefs
 @pytest.mark.oracle
 def test_columnar_equals_scalar_decode_on_a_real_trace(real_trace):
@@ -121,20 +129,16 @@ def test_columnar_equals_scalar_decode_on_a_real_trace(real_trace):
     import vmtrace
     with vmtrace.open(real_trace) as tr:
         checked = 0
-        for cpu in tr.cpus():
-            for batch in tr.batches(cpu):
-                for t in np.unique(batch.type_id).tolist():
-                    fmt = tr.catalog.get(t)
-                    sel = np.nonzero(batch.type_id == t)[0]
-                    cols = fmt.columns(batch, sel)
-                    for j, i in enumerate(sel.tolist()):
-                        one = fmt.decode(batch.payload(i))
-                        for name, value in one.items():
-                            got = cols[name][j]
-                            got = got.tolist() if isinstance(got, np.ndarray) else got
-                            got = int(got) if isinstance(got, np.integer) else got
-                            assert got == value, (fmt.full_name, name)
-                        checked += 1
+        for batch, fmt, sel in _by_type(tr):
+            cols = fmt.columns(batch, sel)
+            for j, i in enumerate(sel.tolist()):
+                one = fmt.decode(batch.payload(i))
+                for name, value in one.items():
+                    got = cols[name][j]
+                    got = got.tolist() if isinstance(got, np.ndarray) else got
+                    got = int(got) if isinstance(got, np.integer) else got
+                    assert got == value, (fmt.full_name, name)
+                checked += 1
         assert checked > 100
 
 
@@ -143,20 +147,16 @@ def test_bytes_columns_equal_str_columns_on_a_real_trace(real_trace):
     import vmtrace
     with vmtrace.open(real_trace) as tr:
         strings = 0
-        for cpu in tr.cpus():
-            for batch in tr.batches(cpu):
-                for t in np.unique(batch.type_id).tolist():
-                    fmt = tr.catalog.get(t)
-                    sel = np.nonzero(batch.type_id == t)[0]
-                    a = fmt.columns(batch, sel, common=True)
-                    b = fmt.columns(batch, sel, common=True, strings="bytes")
-                    assert a.keys() == b.keys()
-                    for name in a:
-                        if b[name].dtype.kind == "S":
-                            assert ev.text_column(b[name]).tolist() == a[name].tolist()
-                            strings += len(sel)
-                        elif a[name].dtype != object:
-                            assert np.array_equal(a[name], b[name])
+        for batch, fmt, sel in _by_type(tr):
+            a = fmt.columns(batch, sel, common=True)
+            b = fmt.columns(batch, sel, common=True, strings="bytes")
+            assert a.keys() == b.keys()
+            for name in a:
+                if b[name].dtype.kind == "S":
+                    assert ev.text_column(b[name]).tolist() == a[name].tolist()
+                    strings += len(sel)
+                elif a[name].dtype != object:
+                    assert np.array_equal(a[name], b[name])
         assert strings > 100
 
 
