@@ -410,10 +410,8 @@ class Drainer:
                     break
                 raise
             if n > 0:
-                s.received += n
-                s.accepted += n
+                _took(s, n)
                 s.spilled += n
-                s.group.accepted += n
                 taken += n
                 continue
             if n == 0:
@@ -431,14 +429,10 @@ class Drainer:
     def _read_into_tail(self, s: Stream, avail: int) -> int:
         tail = s.tail
         assert tail is not None
-        view = memoryview(tail)[s.tail_need:]
-        try:
-            n = os.readv(s.src, [view[:avail]])
-        except BlockingIOError:
+        n = _read_source(s.src, memoryview(tail)[s.tail_need:][:avail])
+        if n <= 0:
             return 0
-        s.received += n
-        s.accepted += n
-        s.group.accepted += n
+        _took(s, n)
         s.tail_need += n
         if s.tail_need == len(tail):
             s.tail_ready = True
@@ -451,9 +445,7 @@ class Drainer:
         n = _read_source(s.src, memoryview(page)[s.patch_have:][:avail])
         if n <= 0:
             return 0
-        s.received += n
-        s.accepted += n
-        s.group.accepted += n
+        _took(s, n)
         s.patch_have += n
         if s.patch_have == len(page):
             mark_missed(page)
@@ -578,6 +570,13 @@ class Drainer:
             for k in t:
                 t[k] += int(st[k])  # type: ignore[arg-type]
         return t
+
+
+def _took(s: Stream, n: int) -> None:
+    """Count ``n`` bytes read from the source and kept (toward the group's cap too)."""
+    s.received += n
+    s.accepted += n
+    s.group.accepted += n
 
 
 def _read_source(fd: int, buf: memoryview) -> int:
