@@ -156,12 +156,10 @@ def _typed(typed: Typed, fields: Dict[str, Any]) -> Optional[bytes]:
             return None
         k, kind = slot
         if kind == "string":
-            b = pw.text(value)
-            parts.append(k + pw.varint(len(b)) + b)
+            parts.append(pw.framed(k, pw.text(value)))
         else:
             parts.append(k + pw.varint(value & 0xFFFFFFFFFFFFFFFF))
-    body = b"".join(parts)
-    return event_key + pw.varint(len(body)) + body
+    return pw.framed(event_key, b"".join(parts))
 
 
 _INT, _UINT, _STR = pw.key(4, pw.VARINT), pw.key(5, pw.VARINT), pw.key(3, pw.LEN)
@@ -186,8 +184,7 @@ def _generic_value(value: Any, unsigned: bool) -> bytes:
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         value = "[%s]" % ", ".join(str(v) for v in value)
-    b = pw.text(value if isinstance(value, str) else str(value))
-    return _STR + pw.varint(len(b)) + b
+    return pw.framed(_STR, pw.text(value if isinstance(value, str) else str(value)))
 
 
 class _Names(dict):
@@ -207,9 +204,8 @@ def _generic(name: str, fields: Dict[str, Any], unsigned: frozenset) -> bytes:
         if v is None:
             continue
         field = _NAMES[k] + _generic_value(v, k in unsigned)
-        parts.append(_K_FIELD + pw.varint(len(field)) + field)
-    body = b"".join(parts)
-    return _K_GENERIC + pw.varint(len(body)) + body
+        parts.append(pw.framed(_K_FIELD, field))
+    return pw.framed(_K_GENERIC, b"".join(parts))
 
 
 class _Bundle:
@@ -241,7 +237,7 @@ class PerfettoWriter:
     def _packet(self, machine: int, body: bytes) -> None:
         if machine:
             body = pw.integer(_P_MACHINE, "uint32", machine) + body
-        self.out.write(_K_PACKET + pw.varint(len(body)) + body)
+        self.out.write(pw.framed(_K_PACKET, body))
         self.packets += 1
 
     def _machine(self, source: Optional[str], ts: int) -> int:
@@ -312,7 +308,7 @@ class PerfettoWriter:
             self._flush(key)
             b = self.bundles[key] = _Bundle()
         ev = _K_TS + pw.varint(ts) + _K_PID + pw.varint(int(e.pid) & 0xFFFFFFFF) + self._body(e, name)
-        ev = _K_EVENT + pw.varint(len(ev)) + ev
+        ev = pw.framed(_K_EVENT, ev)
         b.events.append(ev)
         b.size += len(ev)
         b.last_ts = ts

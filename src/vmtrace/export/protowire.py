@@ -94,7 +94,12 @@ def string(field: int, s: str) -> bytes:
 
 def length_delimited(field: int, payload: bytes) -> bytes:
     """A LEN field: a sub-message's encoding, a string's bytes, or raw bytes."""
-    return key(field, LEN) + varint(len(payload)) + payload
+    return framed(key(field, LEN), payload)
+
+
+def framed(field_key: bytes, payload: bytes) -> bytes:
+    """A LEN field whose key was encoded once beforehand (the writer's hot path)."""
+    return field_key + varint(len(payload)) + payload
 
 
 def message(field: int, parts: Iterable[bytes]) -> bytes:
