@@ -147,3 +147,14 @@ def test_formats_dir_for_a_seed_style_raw_directory(real_trace, tmp_path):
     # without --formats a bare page directory is a clear one-line error
     p = run(seed, check_rc=2)
     assert p.stderr.startswith("vmtrace: error: ") and "metadata" in p.stderr
+
+
+def test_html_beside_the_text_report_of_one_trace(real_trace, tmp_path):
+    """`--html` on a single trace: the page is written from the same opened trace, and
+    the text report that follows is still whole."""
+    page = tmp_path / "t.html"
+    p = run(real_trace, "--html", page)
+    assert p.stdout == run(real_trace).stdout
+    html = page.read_text()
+    assert html.lstrip().lower().startswith("<!doctype html") and "<canvas" in html.lower()
+    assert "sched_switch" in html

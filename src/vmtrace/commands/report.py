@@ -227,22 +227,20 @@ def command(file: str, fmt: str, out: Optional[str], events: Optional[str], cpu:
     if is_session_dir(file):
         _session(file, fmt, out, html, bool(events or cpu or start or end or stats or formats))
         return
-    if html:
-        from vmtrace.export.timeline import write_timeline
-        import tempfile as _tf
-        with _tf.TemporaryDirectory(prefix="vmtrace-report-") as tmp:
-            trace = _open(file, formats, keep_going, tmp)
-            try:
-                write_timeline(trace, html_path=html, title=f"vmtrace {file}")
-            finally:
-                trace.close()
     cpus = _cpu_list(cpu)
     evs = _events(events)
     s, e = _seconds(start, "--start"), _seconds(end, "--end")
     import tempfile
     with tempfile.TemporaryDirectory(prefix="vmtrace-report-") as tmp:
         trace = _open(file, formats, keep_going, tmp)
-        _run(trace, file, fmt, out, events, evs, cpus, s, e, stats, keep_going)
+        if html:
+            from vmtrace.export.timeline import write_timeline
+            try:
+                write_timeline(trace, html_path=html, title=f"vmtrace {file}")
+            except BaseException:
+                trace.close()
+                raise
+        _run(trace, file, fmt, out, events, evs, cpus, s, e, stats, keep_going)   # closes the trace
 
 
 def _session(path: str, fmt: str, out: Optional[str], html: Optional[str], filtered: bool) -> None:
