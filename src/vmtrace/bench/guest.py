@@ -413,12 +413,7 @@ def run(cfg: ov.Config, progress: Optional[Callable[[str], None]] = None) -> dic
         raise VmtraceError("the native reference did not run in the guest: %s" % (errors[:1] or "no score"))
     active = [c for c in names if c not in failed]
     return {
-        "benchmark": "overhead",
-        "schema": 1,
-        "setting": "guest",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
-        "duration_s": round(time.time() - t0, 1),
-        "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+        **ov.result_header("guest", t0, load_start),
         "params": {
             "seconds": cfg.seconds, "reps": cfg.reps, "quick": cfg.quick, "events": list(cfg.events),
             "buffer_size_kb": cfg.buffer_kb, "workload_cpu": WORKLOAD_CPU, "reader_cpus": [1],

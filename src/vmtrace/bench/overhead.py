@@ -269,6 +269,20 @@ def summarize_workload(runs: Dict[str, List[dict]]) -> Dict[str, dict]:
     return out
 
 
+def result_header(setting: str, t0: float, load_start: tuple) -> dict:
+    """The fields every overhead result starts with; ``t0`` is the wall-clock start and
+    ``load_start`` the load average then. Other tenants of the machine are the main
+    noise source, so the load at both ends is kept as evidence."""
+    return {
+        "benchmark": "overhead",
+        "schema": 1,
+        "setting": setting,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
+        "duration_s": round(time.time() - t0, 1),
+        "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+    }
+
+
 def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
     """Run the whole benchmark on the host's tracefs and return the result document."""
     say = progress or (lambda _msg: None)
@@ -323,13 +337,7 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
 
     return {
-        "benchmark": "overhead",
-        "schema": 1,
-        "setting": "host",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
-        "duration_s": round(time.time() - t0, 1),
-        # other tenants of the machine are the main noise source: keep the evidence
-        "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+        **result_header("host", t0, load_start),
         "params": {
             "seconds": cfg.seconds, "reps": cfg.reps, "quick": cfg.quick, "events": list(cfg.events),
             "buffer_size_kb": cfg.buffer_kb, "workload_cpu": cfg.workload_cpu, "reader_cpus": reader_cpus,
