@@ -9,6 +9,7 @@ microsecond grid.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, TextIO
@@ -35,21 +36,25 @@ class _Sources:
             t.close()
 
 
+@contextlib.contextmanager
 def open_merged(session_dir: str, sources: Optional[Sequence[str]] = None):
-    """(Session, merged events iterator, _Sources) for a session directory."""
+    """(Session, merged events iterator, _Sources) for a session directory; the
+    sources' traces are closed when the block ends."""
     src = _Sources()
-    session = Session(session_dir, src.reader)
-    return session, session.merged(sources), src
+    try:
+        session = Session(session_dir, src.reader)
+        yield session, session.merged(sources), src
+    finally:
+        src.close()
 
 
 def text_lines(session_dir: str, *, sources: Optional[Sequence[str]] = None) -> Iterator[str]:
     """One line per event: ``SOURCE: comm-pid [cpu] sec.nsec: event: text``."""
     from vmtrace.format.render import event_name_column
 
-    session, merged, src = open_merged(session_dir, sources)
-    width = max([len(n) for n in session.sources] + [4])
-    renderers: Dict[str, Any] = {}
-    try:
+    with open_merged(session_dir, sources) as (session, merged, src):
+        width = max([len(n) for n in session.sources] + [4])
+        renderers: Dict[str, Any] = {}
         path_of = {name: s.path for name, s in session.sources.items()}
         for ev in merged:
             sec, ns = divmod(int(ev.ts), 1_000_000_000)
@@ -71,8 +76,6 @@ def text_lines(session_dir: str, *, sources: Optional[Sequence[str]] = None) -> 
                 body = "%s: %s" % (ev.event, " ".join("%s=%s" % kv for kv in ev.fields.items()))
                 comm = ev.comm
             yield "%*s: %16s-%-5d [%03d] %d.%09d: %s" % (width, ev.source, comm, ev.pid, ev.cpu, sec, ns, body)
-    finally:
-        src.close()
 
 
 def write_text(session_dir: str, out: Optional[str] = None) -> None:
@@ -93,26 +96,22 @@ def write_text(session_dir: str, out: Optional[str] = None) -> None:
 
 def write_jsonl(session_dir: str, out: Optional[str] = None) -> None:
     """``{"ts", "source", "cpu", "pid", "comm", "event", "fields"}``, ts in host ns."""
-    session, merged, src = open_merged(session_dir)
-    f: TextIO = open(out, "w", encoding="utf-8") if out else sys.stdout
-    try:
-        for ev in merged:
-            f.write(json.dumps(to_json(ev)) + "\n")
-    finally:
-        src.close()
-        if out:
-            f.close()
+    with open_merged(session_dir) as (_session, merged, _src):
+        f: TextIO = open(out, "w", encoding="utf-8") if out else sys.stdout
+        try:
+            for ev in merged:
+                f.write(json.dumps(to_json(ev)) + "\n")
+        finally:
+            if out:
+                f.close()
 
 
 def write_html(session_dir: str, out: str) -> str:
     """The session's self-contained timeline page (one track per host CPU and guest vCPU)."""
     from vmtrace.export.html import write_html as _write
 
-    session, merged, src = open_merged(session_dir)
-    try:
+    with open_merged(session_dir) as (_session, merged, _src):
         return _write(merged, out, title="vmtrace session %s" % session_dir)
-    finally:
-        src.close()
 
 
 class Tally:
@@ -154,9 +153,6 @@ def write_chrome(session_dir: str, out: str) -> Tally:
 
 def _export(session_dir: str, out: str, write: Callable[[Any, str], Any]) -> Tally:
     tally = Tally()
-    session, merged, src = open_merged(session_dir)
-    try:
+    with open_merged(session_dir) as (_session, merged, _src):
         write(tally.watch(merged), out)
-    finally:
-        src.close()
     return tally

@@ -348,11 +348,8 @@ def _resolve(x: Any, name: Optional[str]) -> Iterator[Tuple[Iterable[Any], Optio
         from vmtrace import merge
         if merge.is_session_dir(path):
             from vmtrace.session_report import open_merged
-            _session, merged, src = open_merged(path)
-            try:
+            with open_merged(path) as (_session, merged, _src):
                 yield merged, name
-            finally:
-                src.close()
             return
         from vmtrace import api
         with api.open(path) as trace:
