@@ -5,10 +5,11 @@
 set -euo pipefail
 
 # Debian packages for the real parts: the guest kernel and userland, QEMU, and trace-cmd
-# as the decoding oracle. gcc builds the reference peers in ../shared/bench.
+# as the decoding oracle. gcc builds vmtrace's own C workloads and reference collector
+# (src/vmtrace/bench/csrc/), static for the guest, so libc6-dev is needed too.
 PACKAGES=(
   qemu-system-x86 linux-image-cloud-amd64 busybox-static trace-cmd kernelshark
-  gcc make cpio gzip python3-venv
+  gcc libc6-dev make cpio gzip python3-venv
   chromium  # headless screenshots of the HTML timeline in tests
   # libvirt: a domain from `vmtrace prepare --libvirt` is defined, started and traced in a test
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libxml2-utils

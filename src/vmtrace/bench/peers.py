@@ -1,9 +1,14 @@
-"""Find the fixed reference C programs and compile them into a cache directory.
+"""vmtrace's own C peers (workloads and the seed-style collector), compiled on first use.
 
-The sources under ``shared/bench`` are reference points that must not be tuned, so we
-never copy or edit them: we compile them as they are, keyed by a hash of the source and
-the compiler's identity, so that a changed source or compiler gives a fresh binary and
-an unchanged one costs nothing on the next run.
+The sources ship inside the package (``vmtrace/bench/csrc/*.c``), so a clone, a wheel
+or a tarball can run every benchmark and the demo's guest workloads with nothing beside
+it. They are reference points: a benchmark compares vmtrace against them in the same run,
+so they are kept small and are not tuned for any result. Binaries are cached under a key
+of the source, the flags and the compiler's identity, so that a changed source or
+compiler gives a fresh binary and an unchanged one costs nothing on the next run.
+
+``$VMTRACE_BENCH_PEERS`` names another directory holding files of the same names, to
+compare against another build of a peer; it is an option, never needed.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from vmtrace.errors import VmtraceError
 
@@ -24,29 +29,19 @@ PEERS = {
 
 ENV_DIR = "VMTRACE_BENCH_PEERS"
 
-
-def _candidates() -> List[Path]:
-    out = []
-    env = os.environ.get(ENV_DIR)
-    if env:
-        out.append(Path(env))
-    # The checkout sits beside shared/ (…/main/src/vmtrace/bench/peers.py -> …/shared/bench).
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        out.append(parent / "shared" / "bench")
-    out.append(Path.cwd().parent / "shared" / "bench")
-    return out
+# Beside this module in a checkout and in an installed package alike (package data).
+PACKAGED = Path(__file__).resolve().parent / "csrc"
 
 
 def source_dir() -> Path:
-    """The directory holding the reference C files (``$VMTRACE_BENCH_PEERS`` wins)."""
-    for cand in _candidates():
-        if all((cand / src).is_file() for src, _ in PEERS.values()):
-            return cand
-    raise VmtraceError(
-        "reference peers (intloop.c, pingpong.c, seedlike-agent.c) not found; "
-        "set %s to the directory that holds them" % ENV_DIR
-    )
+    """The directory holding the peers' C files: ``$VMTRACE_BENCH_PEERS`` if set, else ours."""
+    env = os.environ.get(ENV_DIR)
+    cand = Path(env) if env else PACKAGED
+    missing = [src for src, _ in PEERS.values() if not (cand / src).is_file()]
+    if missing:
+        where = "%s (from $%s)" % (cand, ENV_DIR) if env else "%s (package data; the install is incomplete)" % cand
+        raise VmtraceError("peer sources %s not found in %s" % (", ".join(missing), where))
+    return cand
 
 
 def cache_dir() -> Path:

@@ -1,7 +1,7 @@
-"""The guest's workloads: the fixed reference programs, compiled static for busybox.
+"""The guest's workloads: vmtrace's own C workloads, compiled static for busybox.
 
-They come from the shared bench directory (never edited) so that a score measured in
-the guest means the same thing as one measured by the benchmarks on the host.
+They are the same sources the benchmarks compile on the host (``vmtrace.bench.peers``),
+so that a score measured in the guest means the same thing as one measured there.
 Static linking keeps them independent of whatever libc the image carries.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ WORKLOADS = {"pingpong": "pingpong.c", "intloop": "intloop.c"}
 
 
 def bench_dir() -> Path:
-    """Where the reference C files live: the same place the benchmarks compile them from."""
+    """Where the workloads' C files live: the same place the benchmarks compile them from."""
     from vmtrace.bench.peers import source_dir
 
     return source_dir()
