@@ -16,8 +16,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import subprocess
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from vmtrace.errors import VmtraceError
@@ -48,6 +46,8 @@ def mount(root: str = CANDIDATE_ROOTS[0]) -> str:
         os.makedirs(root, exist_ok=True)
     except OSError:
         pass
+    import subprocess  # only when tracefs must be mounted: keeps the agent's start-up light
+
     proc = subprocess.run(
         ["mount", "-t", "tracefs", "nodev", root],
         stdout=subprocess.DEVNULL,
@@ -115,18 +115,39 @@ def parse_event_spec(spec: str) -> Tuple[str, Optional[str]]:
     return system, event
 
 
-@dataclass
-class CpuStats:
+class _Record:
+    """A plain record with defaults and ==; what a dataclass gives, without importing
+    dataclasses (and inspect) into the agent's start-up, which costs a guest ~8 ms."""
+
+    _defaults: Dict[str, object] = {}
+
+    def __init__(self, **kw: object) -> None:
+        for name, default in self._defaults.items():
+            value = kw.pop(name, default)
+            setattr(self, name, list(value) if isinstance(value, list) else value)
+        if kw:
+            raise TypeError("unknown fields %s" % ", ".join(sorted(kw)))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __repr__(self) -> str:
+        return "%s(%s)" % (type(self).__name__, ", ".join("%s=%r" % kv for kv in vars(self).items()))
+
+
+class CpuStats(_Record):
     """One ``per_cpu/cpuN/stats`` file, parsed. Missing lines stay 0."""
 
-    entries: int = 0
-    overrun: int = 0
-    commit_overrun: int = 0
-    bytes: int = 0
-    oldest_event_ts: float = 0.0
-    now_ts: float = 0.0
-    dropped_events: int = 0
-    read_events: int = 0
+    _defaults = {"entries": 0, "overrun": 0, "commit_overrun": 0, "bytes": 0, "oldest_event_ts": 0.0,
+                 "now_ts": 0.0, "dropped_events": 0, "read_events": 0}
+    entries: int
+    overrun: int
+    commit_overrun: int
+    bytes: int
+    oldest_event_ts: float
+    now_ts: float
+    dropped_events: int
+    read_events: int
 
     @classmethod
     def parse(cls, text: str) -> "CpuStats":
@@ -147,15 +168,24 @@ class CpuStats:
         return dict(self.__dict__)
 
 
-@dataclass
-class Settings:
-    """What :meth:`Tracefs.snapshot` saves and :meth:`Tracefs.restore` puts back."""
+class Settings(_Record):
+    """What :meth:`Tracefs.snapshot` saves and :meth:`Tracefs.restore` puts back.
 
-    events: List[str] = field(default_factory=list)  # "system:event" lines of set_event
-    clock: str = "local"
-    buffer_size_kb: int = 0
-    buffer_percent: Optional[int] = None
-    tracing_on: bool = True
+    ``events`` are the "system:event" lines of set_event.
+    """
+
+    _defaults = {"events": [], "clock": "local", "buffer_size_kb": 0, "buffer_percent": None,
+                 "tracing_on": True}
+    events: List[str]
+    clock: str
+    buffer_size_kb: int
+    buffer_percent: Optional[int]
+    tracing_on: bool
+
+
+# Pid filter files (Linux 5.8+): events and function hits of these pids are not recorded.
+EVENT_NOTRACE_PID = "set_event_notrace_pid"
+FTRACE_NOTRACE_PID = "set_ftrace_notrace_pid"
 
 
 class Tracefs:
@@ -289,6 +319,22 @@ class Tracefs:
     def clear(self) -> None:
         """Empty the ring buffers (writing to ``trace`` resets every CPU)."""
         self.write("trace", "")
+
+    # -- pid filters -----------------------------------------------------------------
+    def pid_list(self, name: str) -> Optional[List[int]]:
+        """The pids in ``set_event_notrace_pid`` and its kin; None if the kernel has no
+        such file or refuses to read it (the function-tracer files on some kernels)."""
+        try:
+            text = self.read(name)
+        except VmtraceError:
+            return None
+        return sorted(int(w) for w in text.split() if w.isdigit())
+
+    def set_pid_list(self, name: str, pids: Iterable[int]) -> None:
+        """Replace a pid filter file's contents (an empty list clears it)."""
+        text = " ".join(str(int(p)) for p in pids)
+        # An empty write with O_TRUNC is how the kernel is told to clear the list.
+        self.write(name, text + "\n" if text else "")
 
     # -- events ----------------------------------------------------------------------
     def event_dir(self, system: str, event: Optional[str] = None, top: bool = False) -> str:

@@ -8,8 +8,6 @@ per-byte path entirely.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -25,6 +23,10 @@ F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 def _libc_splice() -> Callable[[int, int, int, int], int]:
+    # imported here: ctypes costs a guest ~7 ms of start-up that os.splice never needs
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c") or "libc.so.6"
     libc = ctypes.CDLL(name, use_errno=True)
     fn = libc.splice
