@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait at exit for a host that does not read (default 2)")
     p.add_argument("--nice", type=int, default=-10, metavar="N",
                    help="nice value of the pump threads (default -10: wake promptly on a shared CPU; 0 leaves it)")
+    p.add_argument("--pump-priority", metavar="POLICY",
+                   help="real-time priority for the pumps, as fifo:N (1-99), for guests busy on every CPU; "
+                        "default: normal scheduling with --nice")
+    p.add_argument("--trace-self", action="store_true",
+                   help="also record the agent's own threads (by default they are kept out with "
+                        "set_event_notrace_pid)")
     p.add_argument("--export", metavar="PATH",
                    help="write the agent as one self-contained zipapp to PATH and exit")
     return p
@@ -100,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         raise VmtraceError("--nice must be between -20 and 19")
     if args.exit_grace < 0:
         raise VmtraceError("--exit-grace must not be negative")
+    priority = parse_priority(args.pump_priority) if args.pump_priority else None
     if os.geteuid() != 0:
         print("vmtrace-agent: warning: not root; tracefs access will likely fail", file=sys.stderr)
     opts = Options(
@@ -115,8 +122,19 @@ def run(args: argparse.Namespace) -> int:
         kallsyms=args.kallsyms,
         exit_grace=args.exit_grace,
         nice=args.nice,
+        trace_self=args.trace_self,
+        pump_priority=priority,
     )
     return Agent(opts).run()
+
+
+def parse_priority(text: str) -> int:
+    """``fifo:N`` -> N. Only SCHED_FIFO: a pump that runs until its pipe is full and then
+    sleeps gains nothing from round-robin among equals."""
+    policy, _, level = text.strip().lower().partition(":")
+    if policy != "fifo" or not level.isdigit() or not 1 <= int(level) <= 99:
+        raise VmtraceError("--pump-priority %r: use fifo:N with N from 1 to 99" % text)
+    return int(level)
 
 
 if __name__ == "__main__":

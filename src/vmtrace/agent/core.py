@@ -22,6 +22,7 @@ from vmtrace import protocol
 from vmtrace.agent import VERSION, metadata, ports
 from vmtrace.agent.control import ControlChannel, Controller
 from vmtrace.agent.placement import Placement
+from vmtrace.agent.selffilter import KEEP_SYSTEMS, SelfFilter
 from vmtrace.agent.pump import EXIT, IDLE, RUN, FdSink, Pump, Sink
 from vmtrace.agent.splice import IMPLEMENTATION as SPLICE_IMPL
 from vmtrace.agent.stream import StreamSink, StreamWriter, write_metadata_dir
@@ -35,7 +36,7 @@ EXACT_CLOCKS = {
     "boot": ("CLOCK_BOOTTIME", 7),
     "tai": ("CLOCK_TAI", 11),
 }
-PLACEMENT_PERIOD = 2.0
+PLACEMENT_PERIOD = 0.5  # a workload that arrives on the pumps' CPU costs events until then
 
 
 class Options:
@@ -55,6 +56,8 @@ class Options:
         self.exit_grace: float = kw.get("exit_grace", 2.0)
         self.tracefs_root: Optional[str] = kw.get("tracefs_root")
         self.nice: int = kw.get("nice", -10)
+        self.trace_self: bool = kw.get("trace_self", False)
+        self.pump_priority: Optional[int] = kw.get("pump_priority")  # SCHED_FIFO priority, opt-in
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -113,6 +116,7 @@ class Agent:
         self._frozen: Optional[Dict[str, Dict[str, Any]]] = None
         self._carry: Dict[str, Dict[str, Any]] = {}
         self.host_attached = False  # a host has written to the control port since it last went away
+        self.self_filter: Optional[SelfFilter] = None  # keeps our own threads' events out
 
     # -- setup ---------------------------------------------------------------------------
     def _sinks(self, should_stop: Any) -> Dict[int, Sink]:
@@ -178,11 +182,34 @@ class Agent:
         for cpu in self.cpus:
             self.pumps[cpu] = Pump(cpu, self.tf.trace_pipe_raw(cpu), sinks[cpu], self.page_size,
                                    self.opts.pipe_size, self.opts.flush_interval, self.opts.exit_grace,
-                                   self.opts.nice)
+                                   self.opts.nice, self.opts.pump_priority)
         for pump in self.pumps.values():
             pump.start()
             pump.started_evt.wait(5)
         self.placement.apply(self._tids(), self.main_tid)
+        self._exclude_self()
+
+    def _exclude_self(self) -> None:
+        """Keep the agent's own threads out of what it records (``--trace-self`` keeps
+        them in). Measured before this (docs/agent.md): on a CPU-bound guest 93 % of the
+        recorded events were the agent's own page moves, allocations and timers, and
+        with an event-heavy one about half. They cost the guest, fill the buffer the
+        user's events need, and bury them. How, and why not a pid list: selffilter.py.
+        Called again after every configure, which may enable more events."""
+        if self.opts.trace_self:
+            return
+        if self.self_filter is None:
+            try:
+                tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
+            except OSError:
+                tids = [self.main_tid] + [t for t in self._tids().values() if t is not None]
+            self.self_filter = SelfFilter(self.tf, tids)
+        try:
+            enabled = self.tf.enabled_events()
+        except VmtraceError:
+            return
+        for problem in self.self_filter.apply(enabled)[:3]:
+            print("vmtrace-agent: cannot keep own events out: %s" % problem, file=sys.stderr)
 
     def _tids(self) -> Dict[int, Optional[int]]:
         return {cpu: p.tid for cpu, p in self.pumps.items()}
@@ -285,6 +312,7 @@ class Agent:
             # counted so far and count from the new baseline.
             self._carry = self._stats_now()
             self.stats0 = {c: self.tf.cpu_stats(c) for c in self.cpus}
+            self._exclude_self()   # events this configure enabled
 
     # -- information ------------------------------------------------------------------------
     def hello_fields(self) -> Dict[str, Any]:
@@ -310,7 +338,16 @@ class Agent:
             "running": self.running,
             "python": "%d.%d.%d" % sys.version_info[:3],
             "splice": SPLICE_IMPL,
+            "self_excluded": self._self_info(),
         }
+
+    def _self_info(self) -> Dict[str, Any]:
+        """What hello and the stats say about the agent's own activity."""
+        f = self.self_filter
+        return {"trace_self": bool(self.opts.trace_self), "tids": f.tids if f else [],
+                "method": ("event filter on common_pid, every system but %s" % " and ".join(KEEP_SYSTEMS)
+                           if f else None),
+                "events_filtered": f.events_filtered if f else 0}
 
     def _agent_info(self) -> Dict[str, Any]:
         ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -321,6 +358,7 @@ class Agent:
             "splice": SPLICE_IMPL,
             "cpu_time_s": round(ru.ru_utime + ru.ru_stime, 4),
             "pump_cpus": self.placement.describe(),
+            "self_excluded": self._self_info(),
         }
 
     def stats(self) -> Dict[str, Dict[str, Any]]:
@@ -553,6 +591,8 @@ class Agent:
                 self.tf.restore(self.saved)
             except VmtraceError as exc:
                 errors.append(str(exc))
+        if self.self_filter is not None:
+            errors.extend(self.self_filter.restore()[:3])
         if self.pumps:
             try:
                 self._write_metadata(final=True)

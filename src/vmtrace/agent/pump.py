@@ -92,6 +92,7 @@ class Pump(threading.Thread):
         flush_interval: float,
         exit_grace: float = 2.0,
         nice: int = 0,
+        fifo_priority: Optional[int] = None,
     ):
         super().__init__(name="pump-cpu%d" % cpu, daemon=True)
         self.cpu = cpu
@@ -101,6 +102,7 @@ class Pump(threading.Thread):
         self.flush_interval = flush_interval
         self.exit_grace = exit_grace
         self.nice = nice
+        self.fifo_priority = fifo_priority
         self.stats = PumpStats()
         self.tid: Optional[int] = None
         self.started_evt = threading.Event()
@@ -143,6 +145,14 @@ class Pump(threading.Thread):
                 os.setpriority(os.PRIO_PROCESS, self.tid, self.nice)
             except OSError:
                 pass
+        if self.fifo_priority:
+            # Opt-in (--pump-priority): on a guest busy on every CPU a normal-priority pump
+            # can miss the watermark window; a real-time one preempts the workload instead.
+            try:
+                os.sched_setscheduler(self.tid, os.SCHED_FIFO, os.sched_param(self.fifo_priority))
+            except OSError as exc:
+                self.stats.error = "cannot set SCHED_FIFO %d: %s" % (self.fifo_priority, exc.strerror)
+                print("vmtrace-agent: cpu%d: %s" % (self.cpu, self.stats.error), file=sys.stderr)
         self.started_evt.set()
         running = False
         last_move = time.monotonic()
