@@ -45,6 +45,8 @@ class CollectorReport:
     bytes: Optional[int] = None
     lost_reported: Optional[int] = None   # the collector's own count, where it keeps one
     note: str = ""
+    tids: Optional[List[int]] = None      # its threads once ready: whose events are its own
+    raw_output: bool = False              # outdir holds cpuN files of raw pages
 
 
 class Child:
@@ -116,6 +118,13 @@ def _open_files(pids) -> set:
     return out
 
 
+def _threads(pid: int) -> List[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/%d/task" % pid)]
+    except OSError:
+        return []
+
+
 def _dir_bytes(path: Path, prefix: str = "") -> int:
     total = 0
     try:
@@ -161,6 +170,8 @@ class _Processes(Collector):
 
     stop_signal = signal.SIGINT
     stop_timeout = 10.0
+    raw_output = False       # whether outdir/cpuN are raw ring-buffer pages (decodable)
+    tids: Optional[List[int]] = None
 
     def start(self, ctx: RunContext) -> None:
         super().start(ctx)
@@ -191,6 +202,7 @@ class _Processes(Collector):
                 raise VmtraceError("collector %s exited at start: %s (exit %s)"
                                    % (self.name, " ".join(dead[0].argv), dead[0].exit_code))
             if want <= _open_files(c.proc.pid for c in self.children):
+                self.tids = sorted(t for c in self.children for t in _threads(c.proc.pid))
                 return
             if time.monotonic() > deadline:
                 self.stop()
@@ -205,7 +217,8 @@ class _Processes(Collector):
         cpu = sum(c.stop(self.stop_signal, self.stop_timeout) for c in self.children)
         for fh in self._files:
             fh.close()
-        report = CollectorReport(cpu_seconds=cpu, bytes=_dir_bytes(self.ctx.outdir))
+        report = CollectorReport(cpu_seconds=cpu, bytes=_dir_bytes(self.ctx.outdir), tids=self.tids,
+                                 raw_output=self.raw_output)
         self.finish(report)
         return report
 
@@ -215,8 +228,9 @@ class _Processes(Collector):
 
 class Vmtrace(_Processes):
     name = "vmtrace"
-    description = "vmtrace agent (splice, buffer_percent wake-ups, pumps off the workload CPU)"
+    description = "vmtrace agent with its defaults (splice, buffer_percent wake-ups, automatic pump placement)"
     stop_timeout = 20.0
+    raw_output = True
 
     def available(self) -> Optional[str]:
         if importlib.util.find_spec("vmtrace.commands.agent") is None:
@@ -224,9 +238,10 @@ class Vmtrace(_Processes):
         return None
 
     def commands(self, ctx: RunContext):
-        argv = [sys.executable, "-m", "vmtrace", "agent", "--instance", str(ctx.tracefs.instance),
-                "--output-dir", str(ctx.outdir), "--start",
-                "--pump-cpus", ",".join(str(c) for c in ctx.reader_cpus)]
+        # The agent as a guest runs it (stdlib only, no click), with its defaults: what
+        # users get is what is measured, placement included.
+        argv = [sys.executable, "-m", "vmtrace.agent", "--instance", str(ctx.tracefs.instance),
+                "--output-dir", str(ctx.outdir), "--start"]
         yield argv, None
 
     def finish(self, report: CollectorReport) -> None:
@@ -248,6 +263,7 @@ class Seedlike(_Processes):
     name = "seedlike"
     description = "reference C agent: a splice thread bound to each CPU, 100 ms polling"
     stop_timeout = 5.0
+    raw_output = True
 
     def commands(self, ctx: RunContext):
         exe = ctx.peers.get("seedlike-agent")

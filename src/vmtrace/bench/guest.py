@@ -142,7 +142,7 @@ stop_all() {  # stop_all SIGNAL; sets CPU (not in $(...): a subshell cannot wait
 start_off() { :; }
 start_native() { :; }
 start_vmtrace() {
-    spawn vmtrace python3 /lab/agent.pyz --start --pump-cpus 1 --no-kallsyms && wait_open trace_pipe_raw 2
+    spawn vmtrace python3 /lab/agent.pyz --start && wait_open trace_pipe_raw 2  # its defaults, as users run it
 }
 start_seedlike() {
     spawn seedlike /lab/bench/seedlike-agent $T $B/seedout 2 && wait_open trace_pipe_raw 2

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,21 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from vmtrace.bench import collectors as coll
 from vmtrace.bench import peers, stats
+from vmtrace.bench.ownshare import own_share
 from vmtrace.errors import VmtraceError
 from vmtrace.tracefs import CpuStats, Tracefs
 
 EVENTS = ("sched", "timer", "kmem")
 BUFFER_KB = 4096
 WORKLOADS = {"intloop": "iterations/s", "pingpong": "round trips/s"}
+# What else the traced machine is doing, as real guests do (issue 17). In every one the
+# load is the same for every collector, started before any of them.
+SCENARIOS = {
+    "batch": "a batch job (busy loop at SCHED_IDLE) on every other CPU; the workload pinned to one",
+    "moving": "as batch, and the workload moves to the next CPU every %g s" % 0.25,
+    "busy": "every other CPU busy with a normal-priority loop; the workload pinned to one",
+}
+MOVE_EVERY_S = 0.25
 
 
 @dataclass
@@ -55,6 +65,8 @@ class Config:
     events: Sequence[str] = EVENTS
     buffer_kb: int = BUFFER_KB
     spinner: bool = True         # keep the non-workload CPUs busy at SCHED_IDLE (see module doc)
+    scenario: str = "batch"      # one of SCENARIOS
+    own_share: bool = True       # decode each agent's output to count its own events
 
     @classmethod
     def quick_config(cls) -> "Config":
@@ -68,14 +80,15 @@ _PR_SET_PDEATHSIG = 1
 _SPIN = "while True: pass"
 
 
-def _spinner_preexec(cpu: int) -> Callable[[], None]:
+def _spinner_preexec(cpu: int, idle: bool = True) -> Callable[[], None]:
     def setup() -> None:  # in the child, between fork and exec
         try:
             ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except Exception:
             pass
         os.sched_setaffinity(0, {cpu})
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     return setup
 
 
@@ -107,8 +120,11 @@ class IdleSpinner:
 
     policy = "SCHED_IDLE"
 
-    def __init__(self, cpus: Sequence[int]):
+    def __init__(self, cpus: Sequence[int], idle: bool = True):
         self.cpus = list(cpus)
+        self.idle = idle
+        if not idle:
+            self.policy = "SCHED_OTHER"
         self.procs: Dict[int, subprocess.Popen] = {}
         self._pids_seen: List[int] = []
 
@@ -117,7 +133,7 @@ class IdleSpinner:
             for cpu in self.cpus:
                 self.procs[cpu] = subprocess.Popen(
                     [sys.executable, "-S", "-c", _SPIN], stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_spinner_preexec(cpu))
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_spinner_preexec(cpu, self.idle))
                 self._pids_seen.append(self.procs[cpu].pid)
         except (OSError, subprocess.SubprocessError) as exc:
             self.stop()
@@ -156,25 +172,66 @@ class IdleSpinner:
 
     def describe(self) -> dict:
         return {"enabled": True, "cpus": self.cpus, "policy": self.policy, "pids": self._pids_seen,
-                "what": "busy loop per non-workload CPU at SCHED_IDLE for the whole run, in every configuration"}
+                "what": "busy loop per non-workload CPU at %s for the whole run, in every configuration"
+                        % self.policy}
 
 
-def run_workload(exe: Path, seconds: float, cpu: int) -> float:
-    """Run a reference workload pinned to ``cpu`` and return the score it prints."""
+def run_workload(exe: Path, seconds: float, cpu: int, move_over: Sequence[int] = ()) -> float:
+    """Run a workload pinned to ``cpu`` and return the score it prints. With
+    ``move_over``, its processes are moved to the next of those CPUs every
+    :data:`MOVE_EVERY_S` (a workload that the scheduler migrates)."""
+    proc = subprocess.Popen([str(exe), "%g" % seconds], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    stop_moving = threading.Event()
+    mover = None
+    if len(move_over) > 1:
+        mover = threading.Thread(target=_keep_moving, args=(proc.pid, list(move_over), cpu, stop_moving),
+                                 daemon=True)
+        mover.start()
     try:
-        proc = subprocess.run(
-            [str(exe), "%g" % seconds], capture_output=True, text=True, timeout=seconds + 60,
-            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-        )
+        out, _err = proc.communicate(timeout=seconds + 60)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         raise VmtraceError("workload %s did not finish within %g s" % (exe.name, seconds + 60))
+    finally:
+        stop_moving.set()
+        if mover:
+            mover.join(5)
     try:
-        score = float(proc.stdout.strip().splitlines()[-1])
+        score = float(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         score = float("nan")
     if proc.returncode != 0 or not score > 0:
-        raise VmtraceError("workload %s failed (exit %d): %r" % (exe.name, proc.returncode, proc.stdout[-200:]))
+        raise VmtraceError("workload %s failed (exit %d): %r" % (exe.name, proc.returncode, out[-200:]))
     return score
+
+
+def _keep_moving(pid: int, cpus: List[int], first: int, stop: threading.Event) -> None:
+    """Move every thread of ``pid`` and of its children to the next CPU, periodically."""
+    k = cpus.index(first) if first in cpus else 0
+    while not stop.wait(MOVE_EVERY_S):
+        k = (k + 1) % len(cpus)
+        for tid in _family_threads(pid):
+            try:
+                os.sched_setaffinity(tid, {cpus[k]})
+            except OSError:
+                pass
+
+
+def _family_threads(pid: int) -> List[int]:
+    """Threads of ``pid`` and of its direct children (pingpong forks one)."""
+    out = []
+    try:
+        kids = open("/proc/%d/task/%d/children" % (pid, pid)).read().split()
+    except OSError:
+        kids = []
+    for p in [pid] + [int(k) for k in kids]:
+        try:
+            out.extend(int(t) for t in os.listdir("/proc/%d/task" % p))
+        except OSError:
+            pass
+    return out
 
 
 def _stats(tf: Tracefs, cpus: Sequence[int]) -> Dict[int, CpuStats]:
@@ -212,7 +269,8 @@ def run_once(collector: coll.Collector, tf: Tracefs, workload: Path, cfg: Config
         spin0 = spinner.cpu_seconds() if spinner else None
         psi0 = cpu_pressure_total()
         t_wl = time.monotonic()
-        score = run_workload(workload, cfg.seconds, cfg.workload_cpu)
+        score = run_workload(workload, cfg.seconds, cfg.workload_cpu,
+                             move_over=cpus if cfg.scenario == "moving" else ())
         t_wl = time.monotonic() - t_wl
         psi1 = cpu_pressure_total()
         spin1 = spinner.cpu_seconds() if spinner else None
@@ -222,7 +280,12 @@ def run_once(collector: coll.Collector, tf: Tracefs, workload: Path, cfg: Config
         tf.tracing_on = False
         if started:
             report = collector.stop()
-        shutil.rmtree(outdir, ignore_errors=True)
+        own = None
+        try:
+            if report.tids and report.raw_output and cfg.own_share:
+                own = own_share(outdir, report.tids, tf, cpus)
+        finally:
+            shutil.rmtree(outdir, ignore_errors=True)
     return {
         "score": score,
         "cpu_seconds": report.cpu_seconds,
@@ -231,6 +294,11 @@ def run_once(collector: coll.Collector, tf: Tracefs, workload: Path, cfg: Config
         "lost_reported": report.lost_reported,
         "unread": sum(s.entries for s in after.values()) if collector.tracing else 0,
         "note": report.note,
+        # share of the delivered events that are the collector's own threads'
+        "own_share": round(own, 5) if own is not None else None,
+        # whole-process CPU seconds per 100 MB delivered
+        "cpu_per_100mb": (round(report.cpu_seconds / (report.bytes / 1e8), 3)
+                          if report.cpu_seconds is not None and report.bytes else None),
         # machine load during the workload: share of the time some task waited for a CPU
         "cpu_pressure": (round((psi1 - psi0) / 1e6 / t_wl, 3) if psi0 is not None and psi1 is not None
                          and t_wl > 0 else None),
@@ -262,6 +330,8 @@ def summarize_workload(runs: Dict[str, List[dict]]) -> Dict[str, dict]:
             "lost": _summary_or_none([r.get("lost") for r in rs]),
             "lost_reported": _summary_or_none([r.get("lost_reported") for r in rs]),
             "unread": _summary_or_none([r.get("unread") for r in rs]),
+            "own_share": _summary_or_none([r.get("own_share") for r in rs]),
+            "cpu_per_100mb": _summary_or_none([r.get("cpu_per_100mb") for r in rs]),
             "spinner_share": _summary_or_none([r.get("spinner_share") for r in rs]),
             "cpu_pressure": _summary_or_none([r.get("cpu_pressure") for r in rs]),
             "runs": rs,
@@ -288,6 +358,8 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
     say = progress or (lambda _msg: None)
     if cfg.reps < 1 or cfg.seconds <= 0:
         raise VmtraceError("--reps must be >= 1 and --seconds > 0")
+    if cfg.scenario not in SCENARIOS:
+        raise VmtraceError("unknown scenario %r (have: %s)" % (cfg.scenario, ", ".join(SCENARIOS)))
     for w in cfg.workloads:
         if w not in WORKLOADS:
             raise VmtraceError("unknown workload %r (have: %s)" % (w, ", ".join(WORKLOADS)))
@@ -314,10 +386,11 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="vmtrace-bench-"))
     runs: Dict[str, Dict[str, List[dict]]] = {w: {c.name: [] for c in active} for w in cfg.workloads}
     spin_cpus = [c for c in online if c != cfg.workload_cpu]
-    spinner = IdleSpinner(spin_cpus) if cfg.spinner and spin_cpus else None
+    busy = cfg.scenario == "busy"
+    spinner = IdleSpinner(spin_cpus, idle=not busy) if (cfg.spinner or busy) and spin_cpus else None
     try:
         if spinner:
-            say("idle spinner (SCHED_IDLE) on CPU %s" % ",".join(map(str, spin_cpus)))
+            say("%s loop on CPU %s" % (spinner.policy, ",".join(map(str, spin_cpus))))
             spinner.start()
         tf.buffer_size_kb = cfg.buffer_kb
         cpus = tf.cpus()
@@ -342,6 +415,7 @@ def run(cfg: Config, progress: Optional[Progress] = None) -> dict:
             "seconds": cfg.seconds, "reps": cfg.reps, "quick": cfg.quick, "events": list(cfg.events),
             "buffer_size_kb": cfg.buffer_kb, "workload_cpu": cfg.workload_cpu, "reader_cpus": reader_cpus,
             "cpus": cpus, "collectors": [c.name for c in active],
+            "scenario": {"name": cfg.scenario, "what": SCENARIOS[cfg.scenario]},
             "idle_spinner": spinner.describe() if spinner else {
                 "enabled": False, "cpus": [], "why": "turned off (--no-spinner)" if not cfg.spinner
                 else "no CPU besides the workload's"},

@@ -124,42 +124,48 @@ def overhead_rows(doc: Dict[str, Any]) -> Iterable[tuple]:
             yield wname, w.get("unit", "score"), name, cols[name]
 
 
+# Columns of the overhead table, shared by the terminal and the Markdown form.
+OVERHEAD_COLUMNS = ("workload", "collector", "score (median)", "min", "max", "overhead vs native [range]",
+                    "CPU s", "CPU s/100MB", "bytes moved", "events lost", "own events")
+
+
+def fmt_share(v: Optional[float]) -> str:
+    return "-" if v is None else "%.2f %%" % (100 * v)
+
+
+def _overhead_cells(name: str, e: Dict[str, Any]) -> List[str]:
+    """Every cell after the workload's name, for one collector."""
+    score = e.get("score") or {}
+    return [name, fmt_num(score.get("median")), fmt_num(score.get("min")), fmt_num(score.get("max")),
+            "reference" if name == "native" else fmt_overhead(e.get("overhead_pct")),
+            fmt_num(_med(e.get("cpu_seconds")), 2), fmt_num(_med(e.get("cpu_per_100mb")), 2),
+            fmt_bytes(_med(e.get("bytes"))), fmt_num(_med(e.get("lost"))), fmt_share(_med(e.get("own_share")))]
+
+
 def overhead_table(doc: Dict[str, Any]):
     """A rich Table of an overhead document (one block of rows per workload)."""
     from rich.table import Table
 
-    table = Table(title="vmtrace bench overhead (%s)" % doc.get("setting", "host"))
-    for head, just in (("workload", "left"), ("collector", "left"), ("score (median)", "right"),
-                       ("min", "right"), ("max", "right"), ("overhead vs native [range]", "right"),
-                       ("CPU s", "right"), ("bytes moved", "right"), ("events lost", "right")):
-        table.add_column(head, justify=just, no_wrap=True)
+    scenario = (doc.get("params", {}).get("scenario") or {}).get("name")
+    table = Table(title="vmtrace bench overhead (%s%s)" % (doc.get("setting", "host"),
+                                                          ", scenario %s" % scenario if scenario else ""))
+    for head in OVERHEAD_COLUMNS:
+        table.add_column(head, justify="left" if head in ("workload", "collector") else "right", no_wrap=True)
     last = None
     for wname, unit, name, e in overhead_rows(doc):
         if last is not None and wname != last:
             table.add_section()
-        score = e.get("score") or {}
-        table.add_row(
-            wname if wname != last else "", name,
-            fmt_num(score.get("median")), fmt_num(score.get("min")), fmt_num(score.get("max")),
-            "reference" if name == "native" else fmt_overhead(e.get("overhead_pct")),
-            fmt_num(_med(e.get("cpu_seconds")), 2), fmt_bytes(_med(e.get("bytes"))),
-            fmt_num(_med(e.get("lost"))),
-        )
+        table.add_row(wname if wname != last else "", *_overhead_cells(name, e))
         last = wname
     return table
 
 
 def overhead_markdown(doc: Dict[str, Any]) -> str:
     """The same table as Markdown, for docs/benchmarks.md and the README."""
-    lines = ["| workload | collector | median score | min | max | overhead vs native [range] "
-             "| collector CPU s | bytes moved | events lost |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| " + " | ".join(OVERHEAD_COLUMNS) + " |",
+             "|---|---|" + "---:|" * (len(OVERHEAD_COLUMNS) - 2)]
     for wname, unit, name, e in overhead_rows(doc):
-        score = e.get("score") or {}
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            wname, name, fmt_num(score.get("median")), fmt_num(score.get("min")), fmt_num(score.get("max")),
-            "reference" if name == "native" else fmt_overhead(e.get("overhead_pct")),
-            fmt_num(_med(e.get("cpu_seconds")), 2), fmt_bytes(_med(e.get("bytes"))), fmt_num(_med(e.get("lost")))))
+        lines.append("| " + " | ".join([wname, *_overhead_cells(name, e)]) + " |")
     return "\n".join(lines) + "\n"
 
 

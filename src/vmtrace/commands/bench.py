@@ -58,9 +58,12 @@ def command() -> None:
 @click.option("--spinner/--no-spinner", "spinner", default=True, show_default=True,
               help="Keep the non-workload CPUs busy with a SCHED_IDLE loop in every configuration, so that "
                    "idle-state effects do not favour collectors that run there (see docs/benchmarks.md).")
+@click.option("--scenario", type=click.Choice(["batch", "moving", "busy"]), default="batch", show_default=True,
+              help="What else runs: batch = a SCHED_IDLE loop on every other CPU; moving = as batch, and the "
+                   "workload changes CPU every 0.25 s; busy = a normal-priority loop on every other CPU.")
 @_out_option
 def overhead_cmd(seconds: Optional[float], reps: Optional[int], quick: bool, guest: bool, workloads, collectors,
-                 spinner: bool, out: Optional[Path]) -> None:
+                 spinner: bool, scenario: str, out: Optional[Path]) -> None:
     """Slow-down a collector costs a pinned workload, against ftrace alone (the seed's method)."""
     from vmtrace.bench import overhead, results
 
@@ -74,6 +77,9 @@ def overhead_cmd(seconds: Optional[float], reps: Optional[int], quick: bool, gue
     if reps is not None:
         cfg.reps = reps
     cfg.spinner = spinner
+    cfg.scenario = scenario
+    if guest and scenario != "batch":
+        raise VmtraceError("--scenario %s: only the batch scenario runs in the guest so far" % scenario)
     if workloads:
         cfg.workloads = tuple(workloads)
     if collectors:
