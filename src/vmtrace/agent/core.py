@@ -19,7 +19,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from vmtrace import protocol
-from vmtrace.agent import VERSION, metadata, ports
+from vmtrace.agent import VERSION, metadata, ports, recipe
 from vmtrace.agent.control import ControlChannel, Controller
 from vmtrace.agent.placement import Placement
 from vmtrace.agent.selffilter import KEEP_SYSTEMS, SelfFilter
@@ -61,6 +61,13 @@ class Options:
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _available_tracers(tf: Tracefs) -> List[str]:
+    try:
+        return tf.read("available_tracers").split()
+    except VmtraceError:
+        return []
 
 
 class Agent:
@@ -117,6 +124,8 @@ class Agent:
         self._carry: Dict[str, Dict[str, Any]] = {}
         self.host_attached = False  # a host has written to the control port since it last went away
         self.self_filter: Optional[SelfFilter] = None  # keeps our own threads' events out
+        self.recipe = recipe.Recipe({})                 # tracer, filters, probes ... of the last configure
+        self.recipe_log: Optional[recipe.Applied] = None
 
     # -- setup ---------------------------------------------------------------------------
     def _sinks(self, should_stop: Any) -> Dict[int, Sink]:
@@ -268,18 +277,15 @@ class Agent:
         clock = protocol.require(msg, "clock", str, optional=True)
         size = protocol.require(msg, "buffer_size_kb", int, optional=True)
         pct = protocol.require(msg, "buffer_percent", int, optional=True)
+        want_recipe = recipe.Recipe(fields)
         with self._lock:
             if self.running:
                 raise VmtraceError("configure refused while tracing is started; stop first")
-            if events is not None:
-                for spec in events:
-                    if not isinstance(spec, str):
-                        raise VmtraceError("configure: event %r is not a string" % (spec,))
-                    if spec.strip() in ("all", "*"):
-                        continue
-                    system, event = parse_event_spec(spec)
-                    if not os.path.isdir(self.tf.event_dir(system, event)):
-                        raise VmtraceError("configure: no such trace event %s" % spec)
+            for spec in events or []:
+                if not isinstance(spec, str):
+                    raise VmtraceError("configure: event %r is not a string" % (spec,))
+                if spec.strip() not in ("all", "*"):
+                    parse_event_spec(spec)
             if clock is not None and clock not in self.tf.clocks:
                 raise VmtraceError("configure: trace clock %r not offered (has: %s)" % (clock, " ".join(self.tf.clocks)))
             if size is not None and not 4 <= size <= (1 << 22):
@@ -294,11 +300,34 @@ class Agent:
             # every vCPU halted, and a new clock or size resets the buffer: in a starved
             # TCG guest that took tens of seconds, and the host resends a configure that
             # got no answer, which must then cost nothing.
-            if events is not None:
-                want = {"%s:%s" % pair for pair in self.tf.event_ids(events)}
-                if set(self.tf.enabled_events()) != want:
-                    self.tf.disable_all_events()
-                    self.tf.enable_events(events)
+            new_recipe = want_recipe != self.recipe
+            if new_recipe:
+                self._undo_recipe()
+                self.recipe_log = recipe.Applied(self.tf)
+            try:
+                if new_recipe:
+                    recipe.create_probes(want_recipe, self.tf, self.recipe_log)
+                if events is not None:
+                    for spec in events:
+                        if spec.strip() not in ("all", "*"):
+                            system, event = parse_event_spec(spec)
+                            if not os.path.isdir(self.tf.event_dir(system, event)):
+                                raise VmtraceError("configure: no such trace event %s" % spec)
+                    want = {"%s:%s" % pair for pair in self.tf.event_ids(events)}
+                    if set(self.tf.enabled_events()) != want:
+                        self.tf.disable_all_events()
+                        self.tf.enable_events(events)
+                if new_recipe:
+                    recipe.apply(want_recipe, self.tf, self.recipe_log)
+                    self.recipe = want_recipe
+            except VmtraceError:
+                # leave the guest's tracefs as it was before this configure
+                self._undo_recipe()
+                try:
+                    self.tf.restore(self.saved)
+                except VmtraceError:
+                    pass
+                raise
             if clock is not None and clock != self.tf.clock:
                 self.tf.clock = clock
             # The kernel rounds the size to whole pages (1024 reads back as 1027), so a
@@ -313,6 +342,20 @@ class Agent:
             self._carry = self._stats_now()
             self.stats0 = {c: self.tf.cpu_stats(c) for c in self.cpus}
             self._exclude_self()   # events this configure enabled
+
+    def _undo_recipe(self) -> List[str]:
+        """Take back what the last configure's recipe set (events off first: an enabled
+        probe cannot be removed)."""
+        if self.recipe_log is None or not self.recipe_log.steps:
+            self.recipe, self.recipe_log = recipe.Recipe({}), None
+            return []
+        try:
+            self.tf.disable_all_events()
+        except VmtraceError:
+            pass
+        problems = self.recipe_log.undo()
+        self.recipe, self.recipe_log = recipe.Recipe({}), None
+        return problems
 
     # -- information ------------------------------------------------------------------------
     def hello_fields(self) -> Dict[str, Any]:
@@ -335,6 +378,7 @@ class Agent:
             "buffer_size_kb": tf.buffer_size_kb,
             "buffer_percent": tf.buffer_percent,
             "events": tf.enabled_events(),
+            "tracers": _available_tracers(tf),
             "running": self.running,
             "python": "%d.%d.%d" % sys.version_info[:3],
             "splice": SPLICE_IMPL,
@@ -409,6 +453,7 @@ class Agent:
         o["buffer_size_kb"] = self.tf.buffer_size_kb
         if not isinstance(o.get("pump_cpus"), (str, list)):
             o["pump_cpus"] = str(o.get("pump_cpus"))
+        o["ftrace"] = self.recipe.as_dict()     # tracer, filters, probes ... as configured
         return o
 
     def read_clock(self) -> Dict[str, Any]:
@@ -585,7 +630,10 @@ class Agent:
                 pump.request(EXIT)
             for pump in self.pumps.values():
                 pump.join(self.opts.exit_grace + 30)
-        errors = []
+        # The recipe first (it turns events off, so that its probes can be removed), then
+        # the settings a configure changed, and our own filters last: they put back each
+        # event's filter from before the agent came.
+        errors = self._undo_recipe()
         if self.saved is not None:
             try:
                 self.tf.restore(self.saved)

@@ -13,7 +13,9 @@ What is left out: every enabled event whose task is one of our threads, except
   agent take a CPU; hiding it would make the workload's gaps unexplained;
 - ``ftrace`` events: our own trace_marker lines (start/stop orders, time probes) must be
   recorded, they are how the host places the guest on its clock.
-A user's own filter on an event is kept and combined with ours, and put back at exit.
+A user's own filter on an event (set before the agent, or by a configure's ``-f``) is
+kept and combined with ours; at exit every event gets back the filter it had before the
+agent started, after the configure's own settings were undone.
 """
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ class SelfFilter:
         self.tf = tf
         self.tids = sorted(set(int(t) for t in tids))
         self.expr = pid_exclusion(self.tids)
-        self.saved: Dict[Tuple[str, str], str] = {}   # the event's filter before we came
+        self.saved: Dict[Tuple[str, str], str] = {}    # the event's filter before we came
+        self._base: Dict[Tuple[str, str], str] = {}    # the filter ours is combined with
+        self._written: Dict[Tuple[str, str], str] = {}  # what we last wrote
         self.events_filtered = 0
 
     def _path(self, system: str, event: str) -> str:
@@ -66,10 +70,15 @@ class SelfFilter:
                 current = self.tf.read(self._path(system, event)).strip()
                 if key not in self.saved:
                     self.saved[key] = current
-                base = self.saved[key]
+                # A filter set since we last wrote (a configure's -f) is the user's new
+                # base; otherwise keep combining with the one we saw.
+                if key not in self._base or current != self._written.get(key):
+                    self._base[key] = current
+                base = self._base[key]
                 want = self.expr if base == NO_FILTER else "(%s) && %s" % (base, self.expr)
                 if current != want:
                     self.tf.write(self._path(system, event), want)
+                self._written[key] = self.tf.read(self._path(system, event)).strip()
             except VmtraceError as exc:
                 problems.append(str(exc))
         self.events_filtered = len(self.saved)
@@ -82,5 +91,5 @@ class SelfFilter:
                 self.tf.write(self._path(system, event), "0" if text == NO_FILTER else text)
             except VmtraceError as exc:
                 problems.append(str(exc))
-        self.saved = {}
+        self.saved, self._base, self._written = {}, {}, {}
         return problems
