@@ -12,12 +12,12 @@ import json
 import mmap
 import os
 import re
-import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional, Union
 
 from vmtrace.errors import FormatError, VmtraceError
 from vmtrace.format import Buffer, CpuData, TraceSource
+from vmtrace.format.compress import MAX_GUNZIP, gunzip_bounded
 from vmtrace.format.fileio import read_chunks, read_pages
 
 LAYOUT = "vmtrace-raw"
@@ -30,7 +30,7 @@ CPU_FILE_RE = re.compile(r"^cpu(\d{1,5})$")
 
 MAX_META_JSON = 1 << 20          # meta.json is a few hundred bytes; 1 MiB is generous
 MAX_METADATA_FILE = 64 << 20     # kallsyms of a big kernel is ~10 MB
-MAX_KALLSYMS = 256 << 20         # after gunzip
+MAX_KALLSYMS = MAX_GUNZIP        # after gunzip (see format/compress.py)
 
 __all__ = ["validate_name", "write_metadata", "write_rawdir", "read_rawdir", "RawDir",
            "is_rawdir", "LAYOUT", "LAYOUT_VERSION"]
@@ -111,14 +111,8 @@ def _read_capped(path: Path, limit: int, source: str) -> bytes:
 
 
 def _gunzip_capped(data: bytes, limit: int, source: str) -> bytes:
-    d = zlib.decompressobj(wbits=31)
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as e:
-        raise FormatError(f"kallsyms.gz is corrupt ({e})", source=source) from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise FormatError(f"kallsyms.gz expands past {limit} bytes", source=source)
-    return out
+    """kallsyms.gz inflated to at most ``limit`` bytes (the trace.dat writer uses it too)."""
+    return gunzip_bounded(data, limit, what="kallsyms.gz", source=source)
 
 
 def _meta(raw: bytes, source: str) -> dict:

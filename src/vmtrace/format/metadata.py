@@ -10,17 +10,25 @@ first use.
 from __future__ import annotations
 
 import bisect
-import gzip
-import re
 from typing import Dict, List, Optional, Tuple, Union
+
+from vmtrace.errors import FormatError
+from vmtrace.format.compress import MAX_GUNZIP, gunzip_bounded
 
 Text = Union[str, bytes, None]
 
-_CMDLINE_RE = re.compile(r"^\s*(\d+)\s+(.*?)\s*$")
-_PRINTK_RE = re.compile(r'^\s*(?:0x)?([0-9a-fA-F]+)\s*:\s*"?(.*?)"?\s*$')
-
-# Guest data bound: a kallsyms text larger than this is not a real one.
-MAX_KALLSYMS = 256 << 20
+# Guest data bound: a kallsyms text larger than this is not a real one (a big kernel's
+# with modules is ~15 MB), gzip'd or not.
+MAX_KALLSYMS = MAX_GUNZIP
+# The per-line parser and the by-name index keep ~250 bytes of Python objects per line,
+# so a text may have at most this many lines, which a real kernel (~120k-400k symbols)
+# never reaches: 1M lines ~ 250 MB.
+MAX_SYMBOLS = 1 << 20
+# A pid has at most 10 digits, an address 16 hex digits; a longer number is not one
+# (and int() of a 5000-digit text raises instead of parsing).
+MAX_PID_DIGITS = 19
+MAX_ADDR_DIGITS = 16
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def _as_text(data: Text) -> str:
@@ -32,12 +40,18 @@ def _as_text(data: Text) -> str:
 
 
 def parse_cmdlines(data: Text) -> Dict[int, str]:
-    """``saved_cmdlines`` ("PID COMM" per line) -> {pid: comm}; later lines win."""
+    """``saved_cmdlines`` ("PID COMM" per line) -> {pid: comm}; later lines win.
+
+    String methods, not a regex: ``(.*?)\\s*$`` over a line of padding is quadratic.
+    """
     out: Dict[int, str] = {}
     for line in _as_text(data).splitlines():
-        m = _CMDLINE_RE.match(line)
-        if m:
-            out[int(m.group(1))] = m.group(2)
+        s = line.lstrip()
+        i = 0
+        while i < len(s) and s[i].isdecimal():
+            i += 1
+        if 0 < i <= MAX_PID_DIGITS and i < len(s) and s[i].isspace():
+            out[int(s[:i])] = s[i:].strip()
     return out
 
 
@@ -45,16 +59,25 @@ def parse_printk_formats(data: Text) -> Dict[int, str]:
     """``printk_formats`` ('0xADDR : "fmt"') -> {addr: fmt}, escapes kept as written.
 
     The kernel prints the format with C escapes (``\\n``); trace-cmd shows them
-    unescaped, so we turn the common ones back into characters.
+    unescaped, so we turn the common ones back into characters. Parsed with string
+    methods in one pass per line (a regex with two lazy parts was quadratic).
     """
     out: Dict[int, str] = {}
     for line in _as_text(data).splitlines():
-        m = _PRINTK_RE.match(line)
-        if m:
-            try:
-                out[int(m.group(1), 16)] = _unescape(m.group(2))
-            except ValueError:
-                continue
+        s = line.strip()
+        i = 2 if s[:2] == "0x" and s[2:3] in _HEX else 0
+        j = i
+        while j < len(s) and s[j] in _HEX:
+            j += 1
+        rest = s[j:].lstrip()
+        if j == i or j - i > MAX_ADDR_DIGITS or rest[:1] != ":":
+            continue
+        text = rest[1:].lstrip()
+        if text.startswith('"'):
+            text = text[1:]
+        if text.endswith('"'):
+            text = text[:-1]
+        out[int(s[i:j], 16)] = _unescape(text)
     return out
 
 
@@ -63,6 +86,19 @@ def _unescape(s: str) -> str:
         return s
     return (s.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t")
             .replace('\\"', '"').replace("\0", "\\"))
+
+
+def kallsyms_text(raw: Text) -> Text:
+    """The kallsyms text, gunzipped when it is gzip data (as a guest may send it), and
+    refused past :data:`MAX_KALLSYMS` bytes either way."""
+    if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:2]) == b"\x1f\x8b":
+        raw = gunzip_bounded(raw, MAX_KALLSYMS, what="kallsyms")
+    if raw is not None and len(raw) > MAX_KALLSYMS:
+        raise FormatError(f"kallsyms: {len(raw)} bytes, more than the {MAX_KALLSYMS}-byte limit")
+    if raw and raw.count(b"\n" if isinstance(raw, (bytes, bytearray, memoryview)) else "\n") > MAX_SYMBOLS:
+        raise FormatError(f"kallsyms: more than {MAX_SYMBOLS} lines, not a real kernel's "
+                          "symbol table")
+    return raw
 
 
 class KallSyms:
@@ -82,15 +118,11 @@ class KallSyms:
     def _load(self) -> None:
         raw = self._text
         self._text = None
-        if isinstance(raw, (bytes, bytearray)) and raw[:2] == b"\x1f\x8b":
-            try:
-                raw = gzip.decompress(bytes(raw))[:MAX_KALLSYMS]
-            except (OSError, EOFError):
-                raw = b""
+        raw = kallsyms_text(raw)
         entries: List[Tuple[int, str, str]] = []
         for line in _as_text(raw).splitlines():
             parts = line.split()
-            if len(parts) < 3:
+            if len(parts) < 3 or len(parts[0]) > MAX_ADDR_DIGITS:
                 continue
             try:
                 addr = int(parts[0], 16)
