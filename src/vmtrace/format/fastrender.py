@@ -890,15 +890,12 @@ class FastReport:
         # groups of (segment, type), each in merged order: a counting sort
         ev_pos = np.flatnonzero(is_ev)
         gkey = seg_ix[ev_pos].astype(np.int64) * 65536 + tid[ev_pos]
-        counts = np.bincount(gkey)
-        ukeys = np.flatnonzero(counts)
-        if ukeys.shape[0] < 65536:
-            lut = np.zeros(counts.shape[0], np.uint16)
-            lut[ukeys] = np.arange(ukeys.shape[0], dtype=np.uint16)
-            gorder = np.argsort(lut[gkey], kind="stable")
-        else:
-            gorder = np.argsort(gkey, kind="stable")
-        bounds = np.concatenate(([0], np.cumsum(counts[ukeys]))).tolist()
+        # Dense group numbers from the keys present: a table indexed by the key itself
+        # had 65536 entries per segment, 1 GB for a window of 2000 CPUs' chunks.
+        ukeys, ginv = np.unique(gkey, return_inverse=True)
+        counts = np.bincount(ginv.reshape(-1), minlength=ukeys.shape[0])
+        gorder = np.argsort(ginv.reshape(-1), kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
         groups = []
         for g, key in enumerate(ukeys.tolist()):
             P = ev_pos[gorder[bounds[g]:bounds[g + 1]]]
