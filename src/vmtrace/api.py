@@ -133,7 +133,8 @@ class Trace:
         endian = source.endian if source.endian in ("<", ">") else (
             "<" if source.endian == "little" else ">")
         self.catalog = EventCatalog.from_texts(source.ftrace_formats, source.event_formats,
-                                               long_size=source.long_size, endian=endian)
+                                               long_size=source.long_size, endian=endian,
+                                               max_payload=self.layout.data_size)
         clock = (source.options or {}).get("clock")
         self.metadata = TraceMetadata.from_source(source, clock=clock)
         try:
