@@ -529,6 +529,12 @@ def _parse_format(fmt: str) -> list:
             lit.append(">%s<" % (fmt[j] if j < n else ""))
             pos = j + 1
             continue
+        if m.group(5) == "%":
+            # "%" with flags or a width between ("% %"): C prints a '%' and takes no
+            # argument; passing the spec on made Python's % operator raise
+            lit.append("%")
+            pos = m.end()
+            continue
         if lit:
             out.append("".join(lit))
             lit = []
