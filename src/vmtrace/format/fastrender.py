@@ -71,6 +71,7 @@ class FastKallsyms:
         self._slow = False
         self._named: Dict[str, Optional[int]] = {}
         self._by_name: Optional[Dict[bytes, Optional[int]]] = None
+        self._source = getattr(fallback, "source", None)     # the trace, for errors
 
     def address(self, name: str) -> Optional[int]:
         """A symbol's address by name (rare: print fmts naming kernel variables).
@@ -84,7 +85,7 @@ class FastKallsyms:
         text = self._text
         if text is not None and bytes(text[:2]) != b"\x1f\x8b":
             if self._by_name is None:
-                self._by_name = _kallsyms_names(bytes(kallsyms_text(text) or b""))
+                self._by_name = _kallsyms_names(bytes(kallsyms_text(text, self._source) or b""))
             addr = self._by_name.get(name.encode())
         elif self._fallback is not None and hasattr(self._fallback, "address"):
             addr = self._fallback.address(name)
@@ -103,7 +104,7 @@ class FastKallsyms:
         if raw[:2] == b"\x1f\x8b":
             self._slow = True
             return
-        parsed = _parse_kallsyms(kallsyms_text(raw))
+        parsed = _parse_kallsyms(kallsyms_text(raw, self._source))
         if parsed is None:
             self._slow = True
             return

@@ -88,16 +88,18 @@ def _unescape(s: str) -> str:
             .replace('\\"', '"').replace("\0", "\\"))
 
 
-def kallsyms_text(raw: Text) -> Text:
+def kallsyms_text(raw: Text, source: Optional[str] = None) -> Text:
     """The kallsyms text, gunzipped when it is gzip data (as a guest may send it), and
-    refused past :data:`MAX_KALLSYMS` bytes either way."""
+    refused past :data:`MAX_KALLSYMS` bytes either way. ``source`` names the trace in
+    errors."""
     if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:2]) == b"\x1f\x8b":
-        raw = gunzip_bounded(raw, MAX_KALLSYMS, what="kallsyms")
+        raw = gunzip_bounded(raw, MAX_KALLSYMS, what="kallsyms", source=source)
     if raw is not None and len(raw) > MAX_KALLSYMS:
-        raise FormatError(f"kallsyms: {len(raw)} bytes, more than the {MAX_KALLSYMS}-byte limit")
+        raise FormatError(f"kallsyms: {len(raw)} bytes, more than the {MAX_KALLSYMS}-byte limit",
+                          source=source)
     if raw and raw.count(b"\n" if isinstance(raw, (bytes, bytearray, memoryview)) else "\n") > MAX_SYMBOLS:
         raise FormatError(f"kallsyms: more than {MAX_SYMBOLS} lines, not a real kernel's "
-                          "symbol table")
+                          "symbol table", source=source)
     return raw
 
 
@@ -108,8 +110,9 @@ class KallSyms:
     ``sprint_symbol`` would report for text without size information.
     """
 
-    def __init__(self, data: Text = None):
+    def __init__(self, data: Text = None, source: Optional[str] = None):
         self._text = data
+        self.source = source
         self._addrs: Optional[List[int]] = None
         self._names: List[str] = []
         self._mods: List[str] = []
@@ -118,7 +121,7 @@ class KallSyms:
     def _load(self) -> None:
         raw = self._text
         self._text = None
-        raw = kallsyms_text(raw)
+        raw = kallsyms_text(raw, self.source)
         entries: List[Tuple[int, str, str]] = []
         for line in _as_text(raw).splitlines():
             parts = line.split()
@@ -192,10 +195,10 @@ class TraceMetadata:
     """Names for pids, printk format addresses and code addresses, plus the trace clock."""
 
     def __init__(self, *, cmdlines: Text = None, printk_formats: Text = None,
-                 kallsyms: Text = None, clock: Optional[str] = None):
+                 kallsyms: Text = None, clock: Optional[str] = None, source: Optional[str] = None):
         self.cmdlines: Dict[int, str] = parse_cmdlines(cmdlines)
         self.printk: Dict[int, str] = parse_printk_formats(printk_formats)
-        self.kallsyms = KallSyms(kallsyms)
+        self.kallsyms = KallSyms(kallsyms, source)
         self.clock = clock or "local"
 
     def comm(self, pid: int) -> str:
@@ -213,7 +216,7 @@ class TraceMetadata:
         if clock is None:
             clock = (source.options or {}).get("clock") if hasattr(source, "options") else None
         return cls(cmdlines=source.cmdlines, printk_formats=source.printk_formats,
-                   kallsyms=source.kallsyms, clock=clock)
+                   kallsyms=source.kallsyms, clock=clock, source=getattr(source, "path", None))
 
     @classmethod
     def from_tracefs(cls, tf, *, kallsyms: bool = True) -> "TraceMetadata":
