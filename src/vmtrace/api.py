@@ -26,6 +26,12 @@ __all__ = ["open", "Trace", "Event", "LostEvents"]
 Time = Union[int, float, None]
 
 
+# Page bytes of all CPUs' current chunks together: a merge holds one chunk per CPU, and
+# decoding a chunk makes arrays of up to ~3x its size; with 16 CPUs or fewer the chunks
+# stay at the full 2048 pages (8 MB) each.
+MAX_INFLIGHT = 128 << 20
+
+
 class Event:
     """One trace event. ``fields`` is decoded on first access (most filters never look)."""
 
@@ -127,7 +133,8 @@ class Trace:
         endian = source.endian if source.endian in ("<", ">") else (
             "<" if source.endian == "little" else ">")
         self.catalog = EventCatalog.from_texts(source.ftrace_formats, source.event_formats,
-                                               long_size=source.long_size, endian=endian)
+                                               long_size=source.long_size, endian=endian,
+                                               max_payload=self.layout.data_size)
         clock = (source.options or {}).get("clock")
         self.metadata = TraceMetadata.from_source(source, clock=clock)
         try:
@@ -170,6 +177,17 @@ class Trace:
     def cpus(self, buffer: Optional[str] = None) -> List[int]:
         return [c.cpu for c in self._buffer(buffer).cpus]
 
+    def _chunk_pages(self, buf: Any) -> int:
+        """Pages per chunk so that one chunk of every CPU of ``buf`` fits in
+        :data:`MAX_INFLIGHT` (a merge holds all of them at once); a file whose CPUs
+        cannot each have one page within it is refused."""
+        ps = self.layout.page_size
+        n = sum(1 for c in buf.cpus if c.size) or 1
+        if n * ps > MAX_INFLIGHT:
+            raise FormatError(f"{n} CPUs of {ps}-byte pages need more than {MAX_INFLIGHT} bytes "
+                              "to merge", source=self.name)
+        return max(1, min(self.chunk_pages, MAX_INFLIGHT // (n * ps)))
+
     def batches(self, cpu: int, buffer: Optional[str] = None) -> Iterator[EventBatch]:
         """One CPU's events as columnar batches (see docs/internals.md), streamed."""
         buf = self._buffer(buffer)
@@ -177,7 +195,7 @@ class Trace:
             if c.cpu != cpu:
                 continue
             src = f"{self.name}[{buf.name or 'top'}] cpu{cpu}"
-            for batch in self._decode_cpu(c, cpu, src):
+            for batch in self._decode_cpu(c, cpu, src, self._chunk_pages(buf)):
                 for p in batch.problems:
                     self.problems.append((cpu, p))
                 if self.ts_offset:
@@ -185,15 +203,15 @@ class Trace:
                 yield batch
             return
 
-    def _decode_cpu(self, c: Any, cpu: int, src: str) -> Iterator[EventBatch]:
+    def _decode_cpu(self, c: Any, cpu: int, src: str, chunk_pages: int) -> Iterator[EventBatch]:
         """Decode straight from the source's own chunk buffers (no copy per page)."""
         chunks = getattr(c, "chunks", None)
         if chunks is None:
             yield from iter_batches(c.pages(), self.layout, cpu, source=src,
-                                    keep_going=self.keep_going, chunk_pages=self.chunk_pages)
+                                    keep_going=self.keep_going, chunk_pages=chunk_pages)
             return
         consumed = 0
-        for chunk in chunks(max(1, self.chunk_pages) * self.layout.page_size):
+        for chunk in chunks(chunk_pages * self.layout.page_size):
             yield decode_pages(chunk, self.layout, cpu, source=src, base_offset=consumed,
                                keep_going=self.keep_going)
             consumed += len(chunk)

@@ -8,16 +8,18 @@ it becomes a path, and every file is size-capped before it is read.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import re
-import zlib
+import stat
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional, Union
 
 from vmtrace.errors import FormatError, VmtraceError
 from vmtrace.format import Buffer, CpuData, TraceSource
+from vmtrace.format.compress import MAX_GUNZIP, gunzip_bounded
 from vmtrace.format.fileio import read_chunks, read_pages
 
 LAYOUT = "vmtrace-raw"
@@ -30,7 +32,10 @@ CPU_FILE_RE = re.compile(r"^cpu(\d{1,5})$")
 
 MAX_META_JSON = 1 << 20          # meta.json is a few hundred bytes; 1 MiB is generous
 MAX_METADATA_FILE = 64 << 20     # kallsyms of a big kernel is ~10 MB
-MAX_KALLSYMS = 256 << 20         # after gunzip
+# Linux's NR_CPUS is at most 8192 (CONFIG_MAXSMP): a cpuN file past it is not a CPU, and
+# each CPU costs the decoder a chunk in flight.
+MAX_CPUS = 8192
+MAX_KALLSYMS = MAX_GUNZIP        # after gunzip (see format/compress.py)
 
 __all__ = ["validate_name", "write_metadata", "write_rawdir", "read_rawdir", "RawDir",
            "is_rawdir", "LAYOUT", "LAYOUT_VERSION"]
@@ -99,26 +104,114 @@ def is_rawdir(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "metadata").is_dir()
 
 
-def _read_capped(path: Path, limit: int, source: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise FormatError(f"cannot read {path.name}: {e.strerror}", source=source) from None
-    if len(data) > limit:
-        raise FormatError(f"{path.name} is larger than the {limit}-byte limit", source=source)
-    return data
+# Opening a file of a raw directory: never through a symbolic link (the directory may
+# belong to someone else, and we may be root), never blocking on a FIFO.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _SafeDir:
+    """A directory held open by descriptor; everything below is reached with ``dir_fd``
+    and ``O_NOFOLLOW``, one component at a time, so no symlink and no special file
+    under it is ever followed or opened, and nothing can be swapped in between a check
+    and an open. ``rel`` is the path shown in errors (``metadata/events/sched``).
+    """
+
+    def __init__(self, fd: int, rel: str, source: str):
+        self.fd, self.rel, self.source = fd, rel, source
+
+    @classmethod
+    def open_root(cls, path: str) -> "_SafeDir":
+        """The directory the user named (the one path that may be a symlink)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise FormatError(f"cannot open directory: {e.strerror}", source=path) from None
+        return cls(fd, "", path)
+
+    def _name(self, name: str) -> str:
+        return f"{self.rel}/{name}" if self.rel else name
+
+    def _refuse(self, name: str, what: str) -> FormatError:
+        return FormatError(f"{self._name(name)} {what}; refusing to read it", source=self.source)
+
+    def kind(self, name: str) -> Optional[str]:
+        """"file", "dir", "link", "other", or None when there is no such entry."""
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise FormatError(f"cannot stat {self._name(name)}: {e.strerror}", source=self.source) from None
+        if stat.S_ISLNK(st.st_mode):
+            return "link"
+        return "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
+
+    def _check(self, name: str, kind: Optional[str], want: str) -> None:
+        if kind == "link":
+            raise self._refuse(name, "is a symbolic link")
+        if kind != want:
+            raise self._refuse(name, "is not a regular file" if want == "file" else "is not a directory")
+
+    def subdir(self, name: str) -> Optional["_SafeDir"]:
+        """The subdirectory ``name``, None if absent; a symlink or a file is refused."""
+        kind = self.kind(name)
+        if kind is None:
+            return None
+        self._check(name, kind, "dir")
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        except OSError as e:
+            raise self._refuse(name, f"cannot be opened ({e.strerror})") from None
+        return _SafeDir(fd, self._name(name), self.source)
+
+    def open_file(self, name: str) -> int:
+        """A descriptor of the regular file ``name`` (the caller closes it)."""
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=self.fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise self._refuse(name, "is a symbolic link") from None
+            raise FormatError(f"cannot open {self._name(name)}: {e.strerror}", source=self.source) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._refuse(name, "is not a regular file")
+        return fd
+
+    def read(self, name: str, limit: int) -> Optional[bytes]:
+        """The file's bytes (at most ``limit``, else an error), None when it is absent."""
+        kind = self.kind(name)
+        if kind is None:
+            return None
+        self._check(name, kind, "file")
+        fd = self.open_file(name)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(limit + 1)
+        except OSError as e:
+            raise FormatError(f"cannot read {self._name(name)}: {e.strerror}", source=self.source) from None
+        finally:
+            os.close(fd)
+        if len(data) > limit:
+            raise FormatError(f"{self._name(name)} is larger than the {limit}-byte limit",
+                              source=self.source)
+        return data
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.fd))
+        except OSError as e:
+            raise FormatError(f"cannot list {self.rel or '.'}: {e.strerror}", source=self.source) from None
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def _gunzip_capped(data: bytes, limit: int, source: str) -> bytes:
-    d = zlib.decompressobj(wbits=31)
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as e:
-        raise FormatError(f"kallsyms.gz is corrupt ({e})", source=source) from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise FormatError(f"kallsyms.gz expands past {limit} bytes", source=source)
-    return out
+    """kallsyms.gz inflated to at most ``limit`` bytes (the trace.dat writer uses it too)."""
+    return gunzip_bounded(data, limit, what="kallsyms.gz", source=source)
 
 
 def _meta(raw: bytes, source: str) -> dict:
@@ -126,6 +219,9 @@ def _meta(raw: bytes, source: str) -> dict:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"meta.json is not valid JSON ({e})", source=source) from None
+    except RecursionError:
+        # json's own depth guard; meta.json is a flat object of a few keys
+        raise FormatError("meta.json is nested too deeply", source=source) from None
     if not isinstance(meta, dict):
         raise FormatError("meta.json is not a JSON object", source=source)
     if meta.get("layout", LAYOUT) != LAYOUT:
@@ -164,13 +260,49 @@ class RawDir(TraceSource):
     def __init__(self, path: str | os.PathLike):
         super().__init__()
         self.path = os.fspath(path)
-        root = Path(path)
-        md = root / "metadata"
-        if not md.is_dir():
-            raise FormatError("not a raw directory (no metadata/ inside)", source=self.path)
         src = self.path
-        meta_path = md / "meta.json"
-        self.meta = _meta(_read_capped(meta_path, MAX_META_JSON, src), src) if meta_path.exists() else {}
+        self._root = _SafeDir.open_root(src)
+        try:
+            self._open(src)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, src: str) -> None:
+        root = self._root
+        md = root.subdir("metadata")
+        if md is None:
+            raise FormatError("not a raw directory (no metadata/ inside)", source=src)
+        try:
+            self._read_metadata(md, src)
+        finally:
+            md.close()
+        m = self.meta
+        clock = m.get("clock") if isinstance(m.get("clock"), str) else None
+        buf = Buffer(name="", clock=clock, page_size=self.page_size)
+        for name in root.names():
+            mt = CPU_FILE_RE.fullmatch(name)
+            if not mt:
+                continue
+            cpu = int(mt.group(1))
+            if cpu >= MAX_CPUS:
+                raise FormatError(f"{name}: CPU number past the {MAX_CPUS} that Linux can have",
+                                  source=src)
+            kind = root.kind(name)
+            if kind != "file":
+                root._check(name, kind, "file")
+            buf.cpus.append(self._cpu(cpu, name))
+        buf.cpus.sort(key=lambda c: c.cpu)
+        self.buffers = [buf]
+        nr = m.get("nr_cpus")
+        present = max((c.cpu + 1 for c in buf.cpus), default=0)
+        self.nr_cpus = nr if isinstance(nr, int) and not isinstance(nr, bool) and \
+            present <= nr <= MAX_CPUS else present
+        self.options = self._options(clock)
+
+    def _read_metadata(self, md: "_SafeDir", src: str) -> None:
+        raw_meta = md.read("meta.json", MAX_META_JSON)
+        self.meta = _meta(raw_meta, src) if raw_meta is not None else {}
         m = self.meta
         self.page_size = _int_field(m, "page_size", mmap.PAGESIZE,
                                     lambda v: 256 <= v <= 1 << 24 and not v & (v - 1), src)
@@ -181,8 +313,7 @@ class RawDir(TraceSource):
         self.endian = "<" if endian == "little" else ">"
 
         def opt(name: str) -> bytes:
-            p = md / name
-            return _read_capped(p, MAX_METADATA_FILE, src) if p.exists() else b""
+            return md.read(name, MAX_METADATA_FILE) or b""
 
         self.header_page = opt("header_page")
         self.header_event = opt("header_event")
@@ -191,46 +322,65 @@ class RawDir(TraceSource):
         self.cmdlines = opt("saved_cmdlines")
         self.printk_formats = opt("printk_formats")
         self.kallsyms = opt("kallsyms")
-        if not self.kallsyms and (md / "kallsyms.gz").exists():
-            self.kallsyms = _gunzip_capped(opt("kallsyms.gz"), MAX_KALLSYMS, src)
+        if not self.kallsyms:
+            gz = md.read("kallsyms.gz", MAX_METADATA_FILE)
+            if gz is not None:
+                self.kallsyms = _gunzip_capped(gz, MAX_KALLSYMS, src)
         self.ftrace_formats, self.event_formats = self._formats(md, src)
 
-        clock = m.get("clock") if isinstance(m.get("clock"), str) else None
-        buf = Buffer(name="", clock=clock, page_size=self.page_size)
-        for entry in sorted(root.iterdir(), key=lambda p: p.name):
-            mt = CPU_FILE_RE.fullmatch(entry.name)
-            if mt and entry.is_file():
-                buf.cpus.append(self._cpu(int(mt.group(1)), entry))
-        buf.cpus.sort(key=lambda c: c.cpu)
-        self.buffers = [buf]
-        nr = m.get("nr_cpus")
-        present = max((c.cpu + 1 for c in buf.cpus), default=0)
-        self.nr_cpus = nr if isinstance(nr, int) and not isinstance(nr, bool) and nr >= present else present
-        self.options = self._options(clock)
+    @staticmethod
+    def _formats(md: "_SafeDir", src: str) -> tuple[list[bytes], list[tuple[str, bytes]]]:
+        """events/SYSTEM/EVENT/format (and the older ftrace/EVENT/format) files.
 
-    def _formats(self, md: Path, src: str) -> tuple[list[bytes], list[tuple[str, bytes]]]:
-        ftrace, events = [], []
-        ev = md / "events"
-        if ev.is_dir():
-            for sysdir in sorted(ev.iterdir()):
-                if not sysdir.is_dir():
-                    continue
-                for evdir in sorted(sysdir.iterdir()):
-                    name = f"events/{sysdir.name}/{evdir.name}/format"
-                    f = evdir / "format"
-                    if not NAME_RE.fullmatch(name) or not f.is_file():
-                        continue    # stray files are ignored, never followed
-                    data = _read_capped(f, MAX_METADATA_FILE, src)
-                    if sysdir.name == "ftrace":
-                        ftrace.append(data)
-                    else:
-                        events.append((sysdir.name, data))
-        fdir = md / "ftrace"
-        if fdir.is_dir():
-            for evdir in sorted(fdir.iterdir()):
-                f = evdir / "format"
-                if re.match(r"^[A-Za-z0-9_.-]+$", evdir.name) and f.is_file():
-                    ftrace.append(_read_capped(f, MAX_METADATA_FILE, src))
+        Names outside the documented pattern and entries that are not directories are
+        skipped, as before; a symbolic link anywhere on the way is refused.
+        """
+        ftrace: list[bytes] = []
+        events: list[tuple[str, bytes]] = []
+
+        def each(parent: "_SafeDir", ok) -> Iterator[tuple[str, bytes]]:
+            for name in parent.names():
+                kind = parent.kind(name)
+                if kind == "link":
+                    parent._check(name, kind, "dir")
+                if kind != "dir" or not ok(name):
+                    continue    # stray files are ignored, never followed
+                evdir = parent.subdir(name)
+                try:
+                    data = evdir.read("format", MAX_METADATA_FILE)
+                finally:
+                    evdir.close()
+                if data is not None:
+                    yield name, data
+
+        ev = md.subdir("events")
+        if ev is not None:
+            try:
+                for system in ev.names():
+                    kind = ev.kind(system)
+                    if kind == "link":
+                        ev._check(system, kind, "dir")
+                    if kind != "dir":
+                        continue
+                    sysdir = ev.subdir(system)
+                    try:
+                        for _, data in each(sysdir, lambda e, s=system: bool(
+                                NAME_RE.fullmatch(f"events/{s}/{e}/format"))):
+                            if system == "ftrace":
+                                ftrace.append(data)
+                            else:
+                                events.append((system, data))
+                    finally:
+                        sysdir.close()
+            finally:
+                ev.close()
+        fdir = md.subdir("ftrace")
+        if fdir is not None:
+            try:
+                ftrace.extend(data for _, data in
+                              each(fdir, lambda e: bool(re.match(r"^[A-Za-z0-9_.-]+$", e))))
+            finally:
+                fdir.close()
         return ftrace, events
 
     def _options(self, clock: Optional[str]) -> dict:
@@ -255,24 +405,37 @@ class RawDir(TraceSource):
                     o["cpustat"].append(_format_cpustat(str(cpu), stats[cpu]))
         return o
 
-    def _cpu(self, cpu: int, path: Path) -> CpuData:
-        size = path.stat().st_size
+    def _cpu(self, cpu: int, name: str) -> CpuData:
+        fd = self._root.open_file(name)
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
         ps = self.page_size
         whole = size - size % ps   # a page cut short by a crash is dropped, not padded
+        src = f"{self.path}/{name}"
 
-        name, src = os.fspath(path), f"{self.path}/cpu{cpu}"
+        def opener() -> int:
+            # Opened again for every chunk, through the directory's descriptor: one
+            # descriptor in all however many CPUs are merged, and never a symlink.
+            return self._root.open_file(name)
 
         # Read, not mapped: pages of a mapping stay resident once touched, so a 1 GB
         # capture would cost 1 GB of RSS (see format/fileio.py).
         def pages() -> Iterator[memoryview]:
             if whole:
-                yield from read_pages(name, 0, whole, ps, source=src)
+                yield from read_pages(opener, 0, whole, ps, source=src)
 
         def chunks(max_bytes: int) -> Iterator[bytearray]:
             if whole:
-                yield from read_chunks(name, 0, whole, ps, max_bytes, source=src)
+                yield from read_chunks(opener, 0, whole, ps, max_bytes, source=src)
 
         return CpuData(cpu, whole, pages, offset=0, compressed=False, chunker=chunks)
+
+    def close(self) -> None:
+        root = getattr(self, "_root", None)
+        if root is not None:
+            root.close()
 
 
 def read_rawdir(path: str | os.PathLike) -> RawDir:

@@ -59,12 +59,17 @@ def _open_stream(path: str) -> TraceSource:
     import shutil
     import tempfile
 
-    from vmtrace.agent.stream import unpack_stream
+    from vmtrace.agent.stream import MAX_CPU as STREAM_MAX_CPU, unpack_stream
     from vmtrace.rawdir import RawDir
 
     tmp = tempfile.mkdtemp(prefix="vmtrace-stream-")
     try:
-        unpack_stream(path, tmp)
+        _descriptors_for(STREAM_MAX_CPU + _FD_HEADROOM)
+        try:
+            unpack_stream(path, tmp)
+        except OSError as e:
+            # unpack_stream keeps one file open per CPU of the stream (up to its 4096)
+            raise FormatError(f"cannot unpack the stream: {e.strerror}", source=path) from None
         src = RawDir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,6 +85,24 @@ def _open_stream(path: str) -> TraceSource:
 
     src.close = close_and_remove  # type: ignore[method-assign]
     return src
+
+
+# Descriptors the process needs besides one per CPU of an unpacked stream.
+_FD_HEADROOM = 64
+
+
+def _descriptors_for(n: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to ``n`` when the hard limit allows.
+
+    An ``-o`` stream may name up to 4096 CPUs and the unpacker holds a file per CPU;
+    with the usual soft limit of 1024 a stream of 2000 CPUs failed with EMFILE.
+    """
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < n:
+        want = n if hard == resource.RLIM_INFINITY else min(n, hard)
+        if want > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _event_name(text: bytes) -> Optional[str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import heapq
 import os
+import shutil
+import stat
 import sys
 from typing import Any, Iterator, Optional
 
@@ -78,9 +80,20 @@ def _seed_dir_view(path: str, formats: str, tmp: str) -> str:
     write_metadata(tmp, md)
     n = 0
     for entry in sorted(os.listdir(src)):
-        if re.fullmatch(r"cpu\d+", entry) and os.path.isfile(os.path.join(src, entry)):
-            os.symlink(os.path.join(src, entry), os.path.join(tmp, entry))
-            n += 1
+        if not re.fullmatch(r"cpu\d+", entry):
+            continue
+        st = os.lstat(os.path.join(src, entry))
+        if stat.S_ISLNK(st.st_mode):
+            raise VmtraceError(f"{path}: {entry} is a symbolic link; refusing to follow it")
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        # The raw-directory reader follows no symlink, so the view holds the file
+        # itself: a hard link, or a copy when the private directory is elsewhere.
+        try:
+            os.link(os.path.join(src, entry), os.path.join(tmp, entry), follow_symlinks=False)
+        except OSError:
+            shutil.copyfile(os.path.join(src, entry), os.path.join(tmp, entry), follow_symlinks=False)
+        n += 1
     if not n:
         raise VmtraceError(f"{path}: no cpuN files")
     return tmp

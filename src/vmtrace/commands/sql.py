@@ -8,10 +8,13 @@ answer the same SQL in Spark or Trino (docs/timeline.md).
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import hashlib
 import json
 import os
+import shutil
+import stat
 import sys
 import tempfile
 
@@ -41,10 +44,47 @@ def parquet_for(session_dir: str, out: str | None = None, refresh: bool = False)
     target = out or os.path.join(session_dir, "parquet")
     if out is None and not os.access(session_dir, os.W_OK):
         key = hashlib.sha1(os.path.abspath(session_dir).encode()).hexdigest()[:16]
-        target = os.path.join(tempfile.gettempdir(), "vmtrace-sql-" + key)
+        cache = private_cache_dir()
+        if cache:
+            target = os.path.join(cache, "sql-" + key)
+        else:   # no private cache: a private scratch export, gone when we exit
+            scratch = tempfile.mkdtemp(prefix="vmtrace-sql-")   # 0700: the export below is private
+            atexit.register(shutil.rmtree, scratch, True)
+            target = os.path.join(scratch, "parquet")
     if refresh or _stale(session_dir, target):
         write_session_parquet(s, target)
     return target
+
+
+def _ours_and_private(path: str) -> bool:
+    """A real directory (not a symlink) owned by us that no one else can write or list."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def private_cache_dir() -> str | None:
+    """``$XDG_CACHE_HOME/vmtrace`` (``~/.cache/vmtrace``), made 0700 if missing; None when
+    it, or the cache directory it sits in, is not ours and private.
+
+    The export used to be kept in ``/tmp/vmtrace-sql-<hash of the path>``, a name any
+    local user could create first and fill with Parquet files of their choosing.
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "vmtrace")
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    st = os.lstat(base) if os.path.lexists(base) else None
+    if st is None or stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return None
+    return path if _ours_and_private(path) else None
 
 
 def connect(pq_dir: str):

@@ -22,8 +22,61 @@ from vmtrace.errors import FormatError
 MAX_BLOCK = 256 << 20
 # A chunk of CPU data: trace-cmd writes 10 pages; anything near this is hostile.
 MAX_CHUNK = 16 << 20
+# All metadata a reader keeps from one file (sections, options, kallsyms text), summed:
+# a real kernel's comes to ~20 MB, and every byte of it stays in memory for the report.
+MAX_METADATA_TOTAL = 128 << 20
+# gzip'd kallsyms (a guest's kallsyms.gz) never inflates past this: a big kernel's
+# /proc/kallsyms is ~15 MB, and the parsed table costs a few times the text.
+MAX_GUNZIP = 64 << 20
 
-__all__ = ["Codec", "get_codec", "codec_names", "MAX_BLOCK", "MAX_CHUNK"]
+__all__ = ["Codec", "get_codec", "codec_names", "gunzip_bounded", "Budget", "MAX_BLOCK",
+           "MAX_CHUNK", "MAX_METADATA_TOTAL", "MAX_GUNZIP"]
+
+
+class Budget:
+    """Bytes one file may still make its reader keep, across all of its blocks.
+
+    A per-block limit alone lets a chain of small compressed blocks (64 options sections
+    of 256 MiB each in a 794 KB file) add up to gigabytes: the limit must be on the sum.
+    Each block asks for its declared size before it is inflated, so the refusal comes
+    before the allocation and names the block that went over.
+    """
+
+    def __init__(self, total: int, what: str = "metadata"):
+        self.total = total
+        self.left = total
+        self.what = what
+
+    def take(self, n: int, *, source: Optional[str] = None, offset: Optional[int] = None) -> None:
+        if n > self.left:
+            raise FormatError(f"{self.what} would exceed {self.total} bytes in all "
+                              f"({self.total - self.left} already, {n} more here)",
+                              source=source, offset=offset)
+        self.left -= n
+
+
+def gunzip_bounded(data: bytes | memoryview, limit: int = MAX_GUNZIP, *, what: str = "gzip data",
+                   source: Optional[str] = None) -> bytes:
+    """Inflate gzip ``data`` (one or more members, as ``gzip.decompress`` reads them) to at
+    most ``limit`` bytes; a bomb or corrupt data is a FormatError naming ``what``.
+
+    ``gzip.decompress`` has no output limit: 2 MB of gzip members inflate to 2 GB.
+    """
+    out = bytearray()
+    rest = bytes(data)
+    try:
+        while rest:
+            d = zlib.decompressobj(wbits=31)
+            out += d.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit or d.unconsumed_tail:
+                raise FormatError(f"{what}: gzip data expands past the {limit}-byte limit",
+                                  source=source)
+            if not d.eof:
+                raise FormatError(f"{what}: gzip data is truncated", source=source)
+            rest = d.unused_data.lstrip(b"\0")    # gzip(1) pads members with NULs
+    except zlib.error as e:
+        raise FormatError(f"{what}: gzip data is corrupt ({e})", source=source) from None
+    return bytes(out)
 
 
 class Codec:
@@ -39,11 +92,17 @@ class Codec:
         raise NotImplementedError
 
     def decompress(self, data: bytes | memoryview, size: int, *, source: Optional[str] = None,
-                   offset: Optional[int] = None, limit: int = MAX_BLOCK) -> bytes:
-        """Return exactly ``size`` bytes decoded from ``data``, or raise FormatError."""
+                   offset: Optional[int] = None, limit: int = MAX_BLOCK,
+                   budget: Optional["Budget"] = None) -> bytes:
+        """Return exactly ``size`` bytes decoded from ``data``, or raise FormatError.
+
+        ``budget``, when given, is charged ``size`` before anything is inflated.
+        """
         if size < 0 or size > limit:
             raise FormatError(f"compressed block declares {size} bytes, limit is {limit}",
                               source=source, offset=offset)
+        if budget is not None:
+            budget.take(size, source=source, offset=offset)
         try:
             out = self._decompress(bytes(data), size)
         except FormatError as e:

@@ -41,6 +41,7 @@ import numpy as np
 
 from vmtrace.format.printfmt import (M64, _HELPERS, FieldInfo, compile_print_fmt, compile_reader,
                                      field_info)
+from vmtrace.format.metadata import MAX_ADDR_DIGITS, kallsyms_text
 from vmtrace.format.render import TextRenderer, event_name_column, lost_text
 
 # Lines rendered per step: bounds the Python objects alive at once (~64k lines of text).
@@ -69,20 +70,27 @@ class FastKallsyms:
         self._addrs: Optional[np.ndarray] = None
         self._slow = False
         self._named: Dict[str, Optional[int]] = {}
+        self._by_name: Optional[Dict[bytes, Optional[int]]] = None
+        self._source = getattr(fallback, "source", None)     # the trace, for errors
 
     def address(self, name: str) -> Optional[int]:
-        """A symbol's address by name (rare: print fmts naming kernel variables)."""
+        """A symbol's address by name (rare: print fmts naming kernel variables).
+
+        The first line naming it, in file order (0 when kptr_restrict hid it: None). The
+        index is built on the first call, in one pass: a search of the whole text per
+        name cost 0.4 s each, and a print fmt can name a hundred.
+        """
         if name in self._named:
             return self._named[name]
-        text = bytes(self._text or b"")
-        addr: Optional[int] = None
-        if text and text[:2] != b"\x1f\x8b":
-            m = re.search(rb"^([0-9a-fA-F]+) \S+ " + re.escape(name.encode()) + rb"(?:[ \t]|$)",
-                          text, re.M)
-            if m and int(m.group(1), 16):
-                addr = int(m.group(1), 16)
+        text = self._text
+        if text is not None and bytes(text[:2]) != b"\x1f\x8b":
+            if self._by_name is None:
+                self._by_name = _kallsyms_names(bytes(kallsyms_text(text, self._source) or b""))
+            addr = self._by_name.get(name.encode())
         elif self._fallback is not None and hasattr(self._fallback, "address"):
             addr = self._fallback.address(name)
+        else:
+            addr = None
         self._named[name] = addr
         return addr
 
@@ -96,7 +104,7 @@ class FastKallsyms:
         if raw[:2] == b"\x1f\x8b":
             self._slow = True
             return
-        parsed = _parse_kallsyms(raw)
+        parsed = _parse_kallsyms(kallsyms_text(raw, self._source))
         if parsed is None:
             self._slow = True
             return
@@ -120,6 +128,24 @@ class FastKallsyms:
             return None
         name = self._bytes[int(self._starts[i]):int(self._ends[i])].split(None, 1)[0].decode()
         return name, addr - start, size
+
+
+def _kallsyms_names(text: bytes) -> Dict[bytes, Optional[int]]:
+    """name -> address of its first ``ADDR TYPE NAME`` line (None for a zero address)."""
+    out: Dict[bytes, Optional[int]] = {}
+    for line in text.split(b"\n"):
+        a = line.find(b" ")
+        b = line.find(b" ", a + 1)
+        if a <= 0 or b <= a + 1 or a > MAX_ADDR_DIGITS:
+            continue
+        kind = line[a + 1:b]
+        if kind.split() != [kind]:
+            continue
+        name = line[b + 1:].split(b"\t", 1)[0].split(b" ", 1)[0]
+        if name in out or not name or line[:a].strip(b"0123456789abcdefABCDEF"):
+            continue
+        out[name] = int(line[:a], 16) or None
+    return out
 
 
 def _parse_kallsyms(raw: bytes) -> Optional[tuple]:
@@ -865,15 +891,12 @@ class FastReport:
         # groups of (segment, type), each in merged order: a counting sort
         ev_pos = np.flatnonzero(is_ev)
         gkey = seg_ix[ev_pos].astype(np.int64) * 65536 + tid[ev_pos]
-        counts = np.bincount(gkey)
-        ukeys = np.flatnonzero(counts)
-        if ukeys.shape[0] < 65536:
-            lut = np.zeros(counts.shape[0], np.uint16)
-            lut[ukeys] = np.arange(ukeys.shape[0], dtype=np.uint16)
-            gorder = np.argsort(lut[gkey], kind="stable")
-        else:
-            gorder = np.argsort(gkey, kind="stable")
-        bounds = np.concatenate(([0], np.cumsum(counts[ukeys]))).tolist()
+        # Dense group numbers from the keys present: a table indexed by the key itself
+        # had 65536 entries per segment, 1 GB for a window of 2000 CPUs' chunks.
+        ukeys, ginv = np.unique(gkey, return_inverse=True)
+        counts = np.bincount(ginv.reshape(-1), minlength=ukeys.shape[0])
+        gorder = np.argsort(ginv.reshape(-1), kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
         groups = []
         for g, key in enumerate(ukeys.tolist()):
             P = ev_pos[gorder[bounds[g]:bounds[g + 1]]]

@@ -10,7 +10,7 @@ does not count against the process) does the caching.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from vmtrace.errors import FormatError
 
@@ -34,17 +34,26 @@ def read_at(fd: int, buf: bytearray, pos: int, *, source: Optional[str] = None) 
     return got
 
 
-def read_chunks(path: Union[str, int], offset: int, size: int, page_size: int, max_bytes: int, *,
-                pad_tail: bool = False, source: Optional[str] = None) -> Iterator[bytearray]:
+Opener = Callable[[], int]
+
+
+def read_chunks(path: Union[str, int, Opener], offset: int, size: int, page_size: int,
+                max_bytes: int, *, pad_tail: bool = False,
+                source: Optional[str] = None) -> Iterator[bytearray]:
     """``size`` bytes at ``offset`` of ``path`` as fresh buffers of whole pages.
 
     A last partial page is zero-padded to a whole page when ``pad_tail`` is set (what
     trace-cmd does with a CPU's data that does not end on a page), else dropped. A file
     that shrank while being read ends the stream at the last whole page. ``path`` may be
-    an open file descriptor (left open).
+    an open file descriptor (left open) or a function that opens the file: then it is
+    opened for each chunk and closed before the chunk is yielded, so that merging many
+    CPUs holds no descriptor per CPU between chunks.
     """
     step = max(page_size, max_bytes - max_bytes % page_size)
-    if isinstance(path, int):
+    where = source or (path if isinstance(path, str) else None)
+    if callable(path):
+        fd, own = -1, False
+    elif isinstance(path, int):
         fd, own = path, False
     else:
         own = True
@@ -57,7 +66,14 @@ def read_chunks(path: Union[str, int], offset: int, size: int, page_size: int, m
         while pos < end:
             want = min(step, end - pos)
             buf = bytearray(want)
-            got = read_at(fd, buf, pos, source=source or path)
+            if callable(path):
+                cfd = path()
+                try:
+                    got = read_at(cfd, buf, pos, source=where)
+                finally:
+                    os.close(cfd)
+            else:
+                got = read_at(fd, buf, pos, source=where)
             if got < want:
                 del buf[got:]
             whole = len(buf) - len(buf) % page_size
@@ -77,7 +93,7 @@ def read_chunks(path: Union[str, int], offset: int, size: int, page_size: int, m
             os.close(fd)
 
 
-def read_pages(path: Union[str, int], offset: int, size: int, page_size: int, *, pad_tail: bool = False,
+def read_pages(path: Union[str, int, Opener], offset: int, size: int, page_size: int, *, pad_tail: bool = False,
                block: int = 1 << 20, source: Optional[str] = None) -> Iterator[memoryview]:
     """The same bytes page by page (views into 1 MB blocks read one at a time)."""
     for buf in read_chunks(path, offset, size, page_size, block, pad_tail=pad_tail,

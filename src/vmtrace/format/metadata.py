@@ -10,17 +10,25 @@ first use.
 from __future__ import annotations
 
 import bisect
-import gzip
-import re
 from typing import Dict, List, Optional, Tuple, Union
+
+from vmtrace.errors import FormatError
+from vmtrace.format.compress import MAX_GUNZIP, gunzip_bounded
 
 Text = Union[str, bytes, None]
 
-_CMDLINE_RE = re.compile(r"^\s*(\d+)\s+(.*?)\s*$")
-_PRINTK_RE = re.compile(r'^\s*(?:0x)?([0-9a-fA-F]+)\s*:\s*"?(.*?)"?\s*$')
-
-# Guest data bound: a kallsyms text larger than this is not a real one.
-MAX_KALLSYMS = 256 << 20
+# Guest data bound: a kallsyms text larger than this is not a real one (a big kernel's
+# with modules is ~15 MB), gzip'd or not.
+MAX_KALLSYMS = MAX_GUNZIP
+# The per-line parser and the by-name index keep ~250 bytes of Python objects per line,
+# so a text may have at most this many lines, which a real kernel (~120k-400k symbols)
+# never reaches: 1M lines ~ 250 MB.
+MAX_SYMBOLS = 1 << 20
+# A pid has at most 10 digits, an address 16 hex digits; a longer number is not one
+# (and int() of a 5000-digit text raises instead of parsing).
+MAX_PID_DIGITS = 19
+MAX_ADDR_DIGITS = 16
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def _as_text(data: Text) -> str:
@@ -32,12 +40,18 @@ def _as_text(data: Text) -> str:
 
 
 def parse_cmdlines(data: Text) -> Dict[int, str]:
-    """``saved_cmdlines`` ("PID COMM" per line) -> {pid: comm}; later lines win."""
+    """``saved_cmdlines`` ("PID COMM" per line) -> {pid: comm}; later lines win.
+
+    String methods, not a regex: ``(.*?)\\s*$`` over a line of padding is quadratic.
+    """
     out: Dict[int, str] = {}
     for line in _as_text(data).splitlines():
-        m = _CMDLINE_RE.match(line)
-        if m:
-            out[int(m.group(1))] = m.group(2)
+        s = line.lstrip()
+        i = 0
+        while i < len(s) and s[i].isdecimal():
+            i += 1
+        if 0 < i <= MAX_PID_DIGITS and i < len(s) and s[i].isspace():
+            out[int(s[:i])] = s[i:].strip()
     return out
 
 
@@ -45,16 +59,25 @@ def parse_printk_formats(data: Text) -> Dict[int, str]:
     """``printk_formats`` ('0xADDR : "fmt"') -> {addr: fmt}, escapes kept as written.
 
     The kernel prints the format with C escapes (``\\n``); trace-cmd shows them
-    unescaped, so we turn the common ones back into characters.
+    unescaped, so we turn the common ones back into characters. Parsed with string
+    methods in one pass per line (a regex with two lazy parts was quadratic).
     """
     out: Dict[int, str] = {}
     for line in _as_text(data).splitlines():
-        m = _PRINTK_RE.match(line)
-        if m:
-            try:
-                out[int(m.group(1), 16)] = _unescape(m.group(2))
-            except ValueError:
-                continue
+        s = line.strip()
+        i = 2 if s[:2] == "0x" and s[2:3] in _HEX else 0
+        j = i
+        while j < len(s) and s[j] in _HEX:
+            j += 1
+        rest = s[j:].lstrip()
+        if j == i or j - i > MAX_ADDR_DIGITS or rest[:1] != ":":
+            continue
+        text = rest[1:].lstrip()
+        if text.startswith('"'):
+            text = text[1:]
+        if text.endswith('"'):
+            text = text[:-1]
+        out[int(s[i:j], 16)] = _unescape(text)
     return out
 
 
@@ -65,6 +88,21 @@ def _unescape(s: str) -> str:
             .replace('\\"', '"').replace("\0", "\\"))
 
 
+def kallsyms_text(raw: Text, source: Optional[str] = None) -> Text:
+    """The kallsyms text, gunzipped when it is gzip data (as a guest may send it), and
+    refused past :data:`MAX_KALLSYMS` bytes either way. ``source`` names the trace in
+    errors."""
+    if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:2]) == b"\x1f\x8b":
+        raw = gunzip_bounded(raw, MAX_KALLSYMS, what="kallsyms", source=source)
+    if raw is not None and len(raw) > MAX_KALLSYMS:
+        raise FormatError(f"kallsyms: {len(raw)} bytes, more than the {MAX_KALLSYMS}-byte limit",
+                          source=source)
+    if raw and raw.count(b"\n" if isinstance(raw, (bytes, bytearray, memoryview)) else "\n") > MAX_SYMBOLS:
+        raise FormatError(f"kallsyms: more than {MAX_SYMBOLS} lines, not a real kernel's "
+                          "symbol table", source=source)
+    return raw
+
+
 class KallSyms:
     """Sorted kernel symbols for address -> "symbol+0xoff/0xsize" lookups (%pS, call_site).
 
@@ -72,8 +110,9 @@ class KallSyms:
     ``sprint_symbol`` would report for text without size information.
     """
 
-    def __init__(self, data: Text = None):
+    def __init__(self, data: Text = None, source: Optional[str] = None):
         self._text = data
+        self.source = source
         self._addrs: Optional[List[int]] = None
         self._names: List[str] = []
         self._mods: List[str] = []
@@ -82,15 +121,11 @@ class KallSyms:
     def _load(self) -> None:
         raw = self._text
         self._text = None
-        if isinstance(raw, (bytes, bytearray)) and raw[:2] == b"\x1f\x8b":
-            try:
-                raw = gzip.decompress(bytes(raw))[:MAX_KALLSYMS]
-            except (OSError, EOFError):
-                raw = b""
+        raw = kallsyms_text(raw, self.source)
         entries: List[Tuple[int, str, str]] = []
         for line in _as_text(raw).splitlines():
             parts = line.split()
-            if len(parts) < 3:
+            if len(parts) < 3 or len(parts[0]) > MAX_ADDR_DIGITS:
                 continue
             try:
                 addr = int(parts[0], 16)
@@ -160,10 +195,10 @@ class TraceMetadata:
     """Names for pids, printk format addresses and code addresses, plus the trace clock."""
 
     def __init__(self, *, cmdlines: Text = None, printk_formats: Text = None,
-                 kallsyms: Text = None, clock: Optional[str] = None):
+                 kallsyms: Text = None, clock: Optional[str] = None, source: Optional[str] = None):
         self.cmdlines: Dict[int, str] = parse_cmdlines(cmdlines)
         self.printk: Dict[int, str] = parse_printk_formats(printk_formats)
-        self.kallsyms = KallSyms(kallsyms)
+        self.kallsyms = KallSyms(kallsyms, source)
         self.clock = clock or "local"
 
     def comm(self, pid: int) -> str:
@@ -181,7 +216,7 @@ class TraceMetadata:
         if clock is None:
             clock = (source.options or {}).get("clock") if hasattr(source, "options") else None
         return cls(cmdlines=source.cmdlines, printk_formats=source.printk_formats,
-                   kallsyms=source.kallsyms, clock=clock)
+                   kallsyms=source.kallsyms, clock=clock, source=getattr(source, "path", None))
 
     @classmethod
     def from_tracefs(cls, tf, *, kallsyms: bool = True) -> "TraceMetadata":

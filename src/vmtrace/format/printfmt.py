@@ -37,7 +37,27 @@ PrintkLookup = Callable[[int], Optional[str]]
 # Limits that keep a hostile format or payload from costing unbounded time or memory.
 MAX_PRINT_FMT = 256 * 1024
 MAX_HEX_BYTES = 64 * 1024
-MAX_DEPTH = 200
+# Nesting of the argument expressions (calls, operators, unary operators, casts,
+# parentheses together). Real print fmts nest under 20; the generated Python adds about
+# two levels per level here and CPython's parser stops at 200 parentheses.
+MAX_DEPTH = 64
+# Field width and precision, written or passed with '*': the kernel's formats pad to 16
+# at most; trace-cmd would pad to any width, so 10 events of %100000000u made 2 GB.
+MAX_WIDTH = 256
+# Conversions in one print fmt (the kernel's longest has ~25): with MAX_WIDTH, what one
+# event can print is bounded by the print fmt and the payload, not by a number in them.
+MAX_CONVERSIONS = 64
+# An integer literal is at most 64 bits, so at most 22 octal digits; int() refuses
+# 4300+ decimal digits with a ValueError instead.
+MAX_LITERAL_DIGITS = 24
+
+# Helper functions a print fmt may call, and the fewest arguments each needs.
+_MIN_ARGS = {
+    "__get_str": 1, "__get_rel_str": 1, "__get_dynamic_array": 1, "__get_rel_dynamic_array": 1,
+    "__get_sockaddr": 1, "__get_sockaddr_rel": 1, "__get_dynamic_array_len": 1,
+    "__get_rel_dynamic_array_len": 1, "__get_bitmask": 1, "__get_rel_bitmask": 1,
+    "__get_cpumask": 1, "__get_rel_cpumask": 1,
+}
 
 
 # --------------------------------------------------------------------------- tokens
@@ -206,6 +226,23 @@ def _finish(v: Any) -> Any:
     return v
 
 
+def _literal(tok: str) -> int:
+    """A C integer literal (decimal, 0x hex, 0 octal) that fits in 64 bits."""
+    digits = tok.rstrip("uUlL")
+    if digits[:2] in ("0x", "0X"):
+        base, body = 16, digits[2:]
+    elif len(digits) > 1 and digits[0] == "0":
+        base, body = 8, digits[1:]
+    else:
+        base, body = 10, digits
+    if len(body) > MAX_LITERAL_DIGITS or (base == 8 and body.strip("01234567")):
+        raise FormatError(f"print fmt: bad integer literal {tok[:30]!r}")
+    value = int(body, base)
+    if value > M64:
+        raise FormatError(f"print fmt: integer literal {tok[:30]!r} does not fit in 64 bits")
+    return value
+
+
 class _Parser:
     def __init__(self, toks: list[tuple[str, str]]):
         self.toks = toks
@@ -325,18 +362,29 @@ class _Parser:
             return j
         return None
 
+    def _deeper(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FormatError("print fmt: expression nested too deeply")
+
     def unary(self):
         kind, tok = self.peek()
         if kind == "op" and tok in ("-", "+", "!", "~", "*", "&"):
             self.take()
-            return ("un", tok, self.unary())
+            self._deeper()
+            node = ("un", tok, self.unary())
+            self.depth -= 1
+            return node
         if kind == "op" and tok == "(":
             close = self._cast_ahead()
             if close is not None:
                 words = [t for k, t in self.toks[self.i + 1:close] if k == "id"]
                 pointer = any(t == "*" for _, t in self.toks[self.i + 1:close])
                 self.i = close + 1
-                return ("cast", _type_of(words, pointer), self.unary())
+                self._deeper()
+                node = ("cast", _type_of(words, pointer), self.unary())
+                self.depth -= 1
+                return node
         if kind == "id" and tok == "sizeof":
             self.take()
             return ("num", self.sizeof())
@@ -369,8 +417,7 @@ class _Parser:
     def primary(self):
         kind, tok = self.take()
         if kind == "num":
-            return ("num", int(tok.rstrip("uUlL"), 0) if not re.fullmatch(r"0[0-7]+[uUlL]*", tok)
-                    else int(tok.rstrip("uUlL"), 8))
+            return ("num", _literal(tok))
         if kind == "str":
             s = _unescape(tok[1:-1])
             while self.peek()[0] == "str":
@@ -400,8 +447,10 @@ class _Parser:
                 return ("call", tok, args)
             return ("atom", tok)
         if tok == "(":
+            self._deeper()
             e = self.raw_expr()     # unbuilt: parentheses do not stop libtraceevent's rotation
             self.expect(")")
+            self.depth -= 1
             return e
         if tok == "{":
             items = []
@@ -480,10 +529,21 @@ def _parse_format(fmt: str) -> list:
             lit.append(">%s<" % (fmt[j] if j < n else ""))
             pos = j + 1
             continue
+        if m.group(5) == "%":
+            # "%" with flags or a width between ("% %"): C prints a '%' and takes no
+            # argument; passing the spec on made Python's % operator raise
+            lit.append("%")
+            pos = m.end()
+            continue
         if lit:
             out.append("".join(lit))
             lit = []
         conv = _Conv(m.group(1), m.group(2), m.group(3), m.group(4) or "", m.group(5))
+        for num in (conv.width, conv.prec):
+            if num not in (None, "*") and (len(num) > 4 or int(num) > MAX_WIDTH):
+                raise FormatError(f"print fmt: width or precision {num[:12]} is more than {MAX_WIDTH}")
+        if sum(isinstance(p, _Conv) for p in out) >= MAX_CONVERSIONS:
+            raise FormatError(f"print fmt: more than {MAX_CONVERSIONS} conversions")
         pos = m.end()
         if conv.conv == "p":
             conv.ext = _pointer_ext(fmt, pos)
@@ -558,6 +618,11 @@ def split_print_fmt(text: str) -> tuple[str, str]:
 def _s(v: int, bits: int) -> int:
     v &= (1 << bits) - 1
     return v - (1 << bits) if v >> (bits - 1) else v
+
+
+def _width(v: int) -> int:
+    """A '*' width or precision from the payload, as C's int, within +-MAX_WIDTH."""
+    return max(-MAX_WIDTH, min(MAX_WIDTH, _s(v, 32)))
 
 
 def _ptr(v: Any) -> str:
@@ -1048,8 +1113,9 @@ class _Gen:
             if fi is None:
                 raise _Unsupported(f"unknown field {node[1]!r}")
             return fi
-        if node[0] == "call" and node[1] in ("__get_dynamic_array", "__get_rel_dynamic_array"):
-            return self._field_arg(node[2][0]) if node[2] else None
+        if node[0] == "call" and node[1] in ("__get_dynamic_array", "__get_rel_dynamic_array") \
+                and node[2]:
+            return self._field_arg(node[2][0])
         raise _Unsupported("helper argument is not a field")
 
     def _buffer(self, node) -> tuple[str, int]:
@@ -1081,6 +1147,9 @@ class _Gen:
         return out
 
     def call(self, name: str, args: list):
+        if len(args) < _MIN_ARGS.get(name, 0):
+            raise FormatError(f"print fmt: {name}() needs {_MIN_ARGS[name]} argument(s), "
+                              f"has {len(args)}")
         if name in ("__get_str", "__get_rel_str"):
             fi = self._field_arg(args[0])
             return self.fieldvar(fi.name), ("str" if fi.is_string else "any"), None
@@ -1132,7 +1201,7 @@ class _Gen:
 
 
 _HELPERS = {
-    "_s": _s, "_ptr": _ptr, "_alt_hex": _alt_hex, "_flags": _flags, "_symbolic": _symbolic,
+    "_s": _s, "_width": _width, "_ptr": _ptr, "_alt_hex": _alt_hex, "_flags": _flags, "_symbolic": _symbolic,
     "_hex": _hex, "_array": _array, "_bitmask": _bitmask, "_mac": _mac, "_ip4": _ip4,
     "_ip6": _ip6, "_uuid": _uuid, "_cdiv": _cdiv, "_cmod": _cmod, "_udiv": _udiv, "_umod": _umod, "_num": _num,
     "_text": _text, "_cstr": _cstr, "_dstr": _dstr, "_darr": _darr, "_sarr": _sarr,
@@ -1224,7 +1293,14 @@ def compile_print_fmt(
     glb["_printk"] = _make_printk(printk)
     if functions:
         ns: dict = {}
-        exec(compile(src, "<print fmt>", "exec"), glb, ns)  # noqa: S102 - our own generated code
+        try:
+            code = compile(src, "<print fmt>", "exec")
+        except (SyntaxError, RecursionError, MemoryError) as exc:
+            # The parser's bounds should keep this from happening; if a text still makes
+            # code CPython will not compile, that one event type is FAILED TO PARSE.
+            pf.failed = f"print fmt: cannot compile ({type(exc).__name__})"
+            return pf
+        exec(code, glb, ns)  # noqa: S102 - our own generated code
         pf.render = ns["_render"]
         pf.render_payload = ns["_render_payload"]
     pf.source = src
@@ -1288,9 +1364,9 @@ def _codegen(fmt: str, args: list, infos: Mapping[str, FieldInfo], long_size: in
         spec_w = ("*" if width == "*" else (width or ""))
         spec_p = ("" if prec is None else "." + ("*" if prec == "*" else prec))
         if wcode is not None:
-            out_args.append("_s(%s, 32)" % wcode)
+            out_args.append("_width(%s)" % wcode)
         if pcode is not None:
-            out_args.append("max(0, _s(%s, 32))" % pcode)
+            out_args.append("max(0, _width(%s))" % pcode)
         conv = p.conv
         if conv == "p":
             code, kind, _ = g.gen(node)

@@ -164,6 +164,11 @@ def header_lines(nr_cpus: int) -> list[str]:
     return ["cpus=%d" % nr_cpus]
 
 
+# What rendering one event may raise on odd values (a %d of a string, a short payload):
+# that event prints as [FAILED TO PARSE], the report goes on.
+RENDER_ERRORS = (struct.error, IndexError, ValueError, TypeError, OverflowError, KeyError)
+
+
 def _guarded(render: Callable[[Any], str], fields: list) -> Callable[[Any], str]:
     """Guest payloads can be short or odd: never let one event stop the report."""
     failed = _failed_renderer(fields)
@@ -171,7 +176,7 @@ def _guarded(render: Callable[[Any], str], fields: list) -> Callable[[Any], str]
     def safe(p: Any) -> str:
         try:
             return render(p)
-        except (struct.error, IndexError, ValueError, TypeError, OverflowError, KeyError):
+        except RENDER_ERRORS:
             return failed(p)
     return safe
 

@@ -36,6 +36,7 @@ from typing import Iterable, Iterator, List, NamedTuple, Optional, Union
 import numpy as np
 
 from vmtrace.errors import FormatError
+from vmtrace.format.fieldline import parse_field_line
 
 try:  # the C page walk; optional: without it the numpy walk below does the same work
     from vmtrace.format import _walk
@@ -70,9 +71,8 @@ MAX_PAGE_SIZE = 1 << 24
 
 Buffer = Union[bytes, bytearray, memoryview]
 
-_FIELD_RE = re.compile(
-    r"field:\s*(?P<decl>[^;]*?)\s*;\s*offset:\s*(?P<off>\d+)\s*;\s*size:\s*(?P<size>\d+)\s*;"
-)
+# header_page/header_event are a few hundred bytes; a larger text is not the kernel's.
+MAX_HEADER_TEXT = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,13 @@ class PageLayout:
         return "<" if self.endian == "little" else ">"
 
 
+def _header_text(text: Union[str, bytes], source: str) -> str:
+    if len(text) > MAX_HEADER_TEXT:
+        raise FormatError(f"{len(text)} bytes, more than the {MAX_HEADER_TEXT} a kernel writes",
+                          source=source)
+    return text.decode("ascii", errors="replace") if isinstance(text, bytes) else text
+
+
 def parse_header_page(text: Union[str, bytes], *, endian: str = "little",
                       page_size: Optional[int] = None, source: str = "header_page") -> PageLayout:
     """Read field offsets from ``events/header_page``.
@@ -110,12 +117,15 @@ def parse_header_page(text: Union[str, bytes], *, endian: str = "little",
     ``page_size`` (from trace.dat or meta.json) wins over ``data``'s offset+size, which
     describes the kernel's sub-buffer when the text was captured.
     """
-    if isinstance(text, bytes):
-        text = text.decode("ascii", errors="replace")
+    text = _header_text(text, source)
     fields = {}
-    for m in _FIELD_RE.finditer(text):
-        name = m.group("decl").split()[-1] if m.group("decl").split() else ""
-        fields.setdefault(name, (int(m.group("off")), int(m.group("size"))))
+    for line in text.splitlines():
+        at = line.find("field:")
+        fl = parse_field_line(line[at:]) if at >= 0 else None
+        if fl is None or fl.offset < 0 or fl.size < 0:
+            continue
+        words = fl.decl.split()
+        fields.setdefault(words[-1] if words else "", (fl.offset, fl.size))
     for need in ("timestamp", "commit", "data"):
         if need not in fields:
             raise FormatError(f"no '{need}' field", source=source)
@@ -143,8 +153,7 @@ def check_header_event(text: Union[str, bytes], *, source: str = "header_event")
     The decoder hard-codes 5+27 bits and types 29/30/31; a different text means a
     different kernel ABI, better reported than silently misread.
     """
-    if isinstance(text, bytes):
-        text = text.decode("ascii", errors="replace")
+    text = _header_text(text, source)
     want = {
         r"type_len\s*:\s*(\d+)\s*bits": 5,
         r"time_delta\s*:\s*(\d+)\s*bits": 27,
@@ -160,7 +169,7 @@ def check_header_event(text: Union[str, bytes], *, source: str = "header_event")
             if "time_stamp" in pattern:
                 continue
             raise FormatError(f"missing {pattern.split(chr(92))[0]!r}", source=source)
-        if int(m.group(1)) != value:
+        if len(m.group(1)) > 3 or int(m.group(1)) != value:
             raise FormatError(f"unsupported {m.group(0)!r} (expected {value})", source=source)
 
 

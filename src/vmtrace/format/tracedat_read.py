@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from vmtrace.errors import FormatError
 from vmtrace.format import Buffer, CpuData, TraceSource
-from vmtrace.format.compress import MAX_CHUNK, Codec, get_codec
+from vmtrace.format.compress import MAX_CHUNK, MAX_METADATA_TOTAL, Budget, Codec, get_codec
 from vmtrace.format.fileio import read_at, read_chunks, read_pages
 
 MAGIC = b"\x17\x08\x44tracing"
@@ -35,6 +35,13 @@ SEC_FL_COMPRESS = 1
 SECTION_HEADER_SIZE = 16
 MAX_OPTION_SECTIONS = 4096      # a longer chain is a loop or an attack
 MAX_NAME = 4096                 # longest NUL-terminated string we accept in headers
+# A CPU's entry in a buffer costs a reader ~0.5 KB of objects; charged to the metadata
+# budget so that v6 BUFFER options, which all share one CPU table, cannot multiply it.
+CPU_ENTRY_COST = 512
+# Compressed CPU data may declare at most this many times its compressed size (plus one
+# chunk): real trace data compresses 4-20x, and what is declared is decoded, so this
+# keeps decoding time linear in the file's size. zlib itself cannot exceed 1032x.
+MAX_DATA_RATIO = 1024
 
 __all__ = ["TraceDat", "open_tracedat", "decode_options", "parse_clock", "MAGIC"]
 
@@ -260,6 +267,10 @@ class TraceDat(TraceSource):
         self.compression_version = ""
         self._mm: Optional[mmap.mmap] = None
         self._fd: Optional[int] = None
+        # What this file may make us keep, summed over every section and option (the
+        # per-block codec limit alone let a chain of blocks add up to gigabytes).
+        self._budget = Budget(MAX_METADATA_TOTAL, "metadata kept from this file")
+        self._extents: list[tuple[int, int, str, int]] = []   # CPU data in the file
         try:
             if os.path.exists(self.path) and not stat.S_ISREG(os.stat(self.path).st_mode):
                 raise FormatError("not a regular file", source=self.path)
@@ -310,6 +321,7 @@ class TraceDat(TraceSource):
             self._parse_v6(cur)
         else:
             self._parse_v7(cur)
+        self._check_overlaps()
         self.options = decode_options(self._raw_options, self.endian)
         cpucount = self.options.get("cpucount")
         present = [c.cpu + 1 for b in self.buffers for c in b.cpus]
@@ -317,6 +329,18 @@ class TraceDat(TraceSource):
             self.nr_cpus = self._v6_cpus
         else:
             self.nr_cpus = cpucount if cpucount else max(present, default=0)
+
+    def _check_overlaps(self) -> None:
+        """Refuse CPU data that shares bytes with other CPU data.
+
+        trace-cmd never writes that; a crafted table could point every CPU (of every
+        buffer) at the same region, so that decoding costs N times the file's size.
+        """
+        extents = sorted(self._extents)
+        for (_, end, bname, cpu), (start, _, bname2, cpu2) in zip(extents, extents[1:]):
+            if start < end:
+                raise FormatError(f"buffer {bname2!r} CPU {cpu2}'s data overlaps buffer "
+                                  f"{bname!r} CPU {cpu}'s", source=self.path, offset=start)
 
     # -- version 6: one sequential header, then flyrecord tables
     def _parse_v6(self, cur: _Cursor) -> None:
@@ -370,6 +394,7 @@ class TraceDat(TraceSource):
         raise cur.error(f"expected 'flyrecord' or 'latency' tag, found {tag!r}", at)
 
     def _v6_flyrecord(self, cur: _Cursor, name: str, cpus: int, has_clock: bool) -> Buffer:
+        self._budget.take(cpus * CPU_ENTRY_COST, source=self.path, offset=cur.pos)
         entries = []
         for cpu in range(cpus):
             off = cur.u64(f"CPU {cpu} data offset")
@@ -466,6 +491,8 @@ class TraceDat(TraceSource):
                               source=self.path, offset=off)
         data_off = cur.pos
         if not flags & SEC_FL_COMPRESS:
+            # sections may overlap one another: copies count against the budget too
+            self._budget.take(size, source=self.path, offset=off)
             return bytes(self._mm[data_off:data_off + size]), data_off, flags
         if self._codec is None:
             raise FormatError(f"{what} section is marked compressed in an uncompressed file",
@@ -474,7 +501,8 @@ class TraceDat(TraceSource):
         zsize = zc.u32(f"{what} compressed size")
         usize = zc.u32(f"{what} uncompressed size")
         blob = zc.take(zsize, f"{what} compressed data")
-        return self._codec.decompress(blob, usize, source=self.path, offset=data_off), data_off, flags
+        return self._codec.decompress(blob, usize, source=self.path, offset=data_off,
+                                      budget=self._budget), data_off, flags
 
     def _v7_buffer(self, data: bytes) -> Buffer:
         oc = _Cursor(data, 0, len(data), source=self.path, endian=self.endian, inflated=True,
@@ -487,6 +515,7 @@ class TraceDat(TraceSource):
             raise FormatError(f"buffer {name!r} has page size {page_size}, file has {self.page_size}",
                               source=self.path, offset=off)
         n = oc.count("buffer CPU count", 20)
+        self._budget.take(n * CPU_ENTRY_COST, source=self.path, offset=off)
         entries = [(oc.u32("CPU id"), oc.u64("CPU data offset"), oc.u64("CPU data size"))
                    for _ in range(n)]
         buf = Buffer(name=name, clock=clock, page_size=page_size)
@@ -518,6 +547,8 @@ class TraceDat(TraceSource):
             raise FormatError(f"buffer {name!r} CPU {cpu}: {size} bytes at {off} run past the end "
                               f"of the file ({self.file_size} bytes; truncated?)",
                               source=self.path, offset=off)
+        if size:
+            self._extents.append((off, off + size, name, cpu))
 
     def _raw_cpu(self, name: str, cpu: int, off: int, size: int) -> CpuData:
         self._check_extent(name, cpu, off, size)
@@ -553,6 +584,10 @@ class TraceDat(TraceSource):
             chunks.append((at, zsize, usize))
             cur.pos += zsize
             total += usize
+        if total > MAX_DATA_RATIO * size + MAX_CHUNK:
+            raise FormatError(f"buffer {name!r} CPU {cpu}: {size} compressed bytes declare "
+                              f"{total} bytes of pages, more than {MAX_DATA_RATIO} times as many",
+                              source=self.path, offset=off)
         ps = self.page_size
         codec = self._codec
 
