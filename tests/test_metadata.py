@@ -44,10 +44,10 @@ def test_kallsyms_lookup(blob):
 
 @pytest.mark.tracefs
 def test_live_metadata_from_tracefs():
-    from vmtrace.tracefs import Tracefs
+    from vmtrace.tracefs import Tracefs, kallsyms
     if not os.path.exists("/sys/kernel/tracing/saved_cmdlines"):
         pytest.skip("needs tracefs")
-    md = TraceMetadata.from_tracefs(Tracefs())
+    md = TraceMetadata.from_tracefs(Tracefs(), kallsyms=kallsyms())
     assert md.printk and md.clock
     with open("/proc/kallsyms") as f:
         for line in f:

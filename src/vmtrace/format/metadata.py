@@ -10,7 +10,7 @@ first use.
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from vmtrace.errors import FormatError
 from vmtrace.format.compress import MAX_GUNZIP, gunzip_bounded
@@ -219,8 +219,11 @@ class TraceMetadata:
                    kallsyms=source.kallsyms, clock=clock, source=getattr(source, "path", None))
 
     @classmethod
-    def from_tracefs(cls, tf, *, kallsyms: bool = True) -> "TraceMetadata":
-        """Live metadata from a :class:`vmtrace.tracefs.Tracefs` (its clock, global files)."""
-        from vmtrace.tracefs import kallsyms as read_kallsyms
+    def from_tracefs(cls, tf: Any, *, kallsyms: Optional[bytes] = None) -> "TraceMetadata":
+        """Live metadata from a :class:`vmtrace.tracefs.Tracefs` (its clock, global files).
+
+        ``kallsyms`` is the caller's copy of ``/proc/kallsyms`` (``vmtrace.tracefs.kallsyms()``):
+        format/ reads only what it is handed, so it never imports tracefs itself.
+        """
         return cls(cmdlines=tf.saved_cmdlines(), printk_formats=tf.printk_formats(),
-                   kallsyms=read_kallsyms() if kallsyms else None, clock=tf.clock)
+                   kallsyms=kallsyms, clock=tf.clock)
