@@ -29,7 +29,7 @@ with atheris.instrument_imports(include=["vmtrace"]):
     from vmtrace.format.printfmt import compile_print_fmt
     from vmtrace.format.render import RENDER_ERRORS
     from vmtrace.format.tracedat_read import open_tracedat
-    from vmtrace.rawdir import read_rawdir
+    from vmtrace.format.rawdir import read_rawdir
 
 import fmt_texts  # noqa: E402
 

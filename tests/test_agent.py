@@ -133,7 +133,7 @@ def test_output_dir_whole_pages_nothing_lost_and_decodable(inst, tmp_path):
 def test_trace_cmd_reads_the_output_wrapped_into_a_tracedat(inst, tmp_path):
     try:
         from vmtrace.format.tracedat_write import write_tracedat
-        from vmtrace.rawdir import read_rawdir  # noqa: F401
+        from vmtrace.format.rawdir import read_rawdir  # noqa: F401
     except ImportError:
         pytest.skip("trace.dat writer not available yet")
     out = tmp_path / "raw"

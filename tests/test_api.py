@@ -161,7 +161,7 @@ def test_filters_tables_and_stats_agree(rich_trace):
 
 
 def test_corrupt_page_strict_and_keep_going(rich_trace, tmp_path):
-    from vmtrace.rawdir import write_rawdir
+    from vmtrace.format.rawdir import write_rawdir
     from vmtrace.sources import open_source, source_metadata
     with open_source(rich_trace) as src:
         md = source_metadata(src)

@@ -18,7 +18,7 @@ import pytest
 import realtrace
 from vmtrace.errors import FormatError, VmtraceError
 from vmtrace.format.tracedat_write import write_tracedat
-from vmtrace.rawdir import read_rawdir, validate_name, write_metadata, write_rawdir
+from vmtrace.format.rawdir import read_rawdir, validate_name, write_metadata, write_rawdir
 from vmtrace.sources import open_source, source_metadata
 from vmtrace.tracefs import Tracefs
 

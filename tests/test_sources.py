@@ -13,7 +13,7 @@ import pytest
 
 from vmtrace.errors import FormatError
 from vmtrace.format import TraceSource
-from vmtrace.rawdir import write_rawdir
+from vmtrace.format.rawdir import write_rawdir
 from vmtrace.sources import open_source, source_metadata
 
 DATA = Path(__file__).parent / "data"

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from vmtrace.errors import FormatError
 from vmtrace.format.compress import MAX_BLOCK, get_codec
 from vmtrace.format.tracedat_read import open_tracedat
-from vmtrace.rawdir import _gunzip_capped
+from vmtrace.format.rawdir import _gunzip_capped
 
 DATA = Path(__file__).parent / "data"
 V7 = (DATA / "tracedat_small_v7.dat").read_bytes()

@@ -24,7 +24,7 @@ def open_source(path: str | os.PathLike) -> TraceSource:
     """A trace.dat file or a raw directory as a TraceSource; FormatError otherwise."""
     p = os.fspath(path)
     if os.path.isdir(p):
-        from vmtrace.rawdir import RawDir, is_rawdir
+        from vmtrace.format.rawdir import RawDir, is_rawdir
         if not is_rawdir(p):
             raise FormatError("directory is not a raw trace directory (no metadata/)", source=p)
         return RawDir(p)
@@ -60,7 +60,7 @@ def _open_stream(path: str) -> TraceSource:
     import tempfile
 
     from vmtrace.agent.stream import MAX_CPU as STREAM_MAX_CPU, unpack_stream
-    from vmtrace.rawdir import RawDir
+    from vmtrace.format.rawdir import RawDir
 
     tmp = tempfile.mkdtemp(prefix="vmtrace-stream-")
     try:

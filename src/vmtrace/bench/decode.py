@@ -181,7 +181,7 @@ def make_big_rawdir(trace_path: str, out_dir: str, target_bytes: int) -> Dict[st
     Timestamps repeat from copy to copy; the decoder's memory use does not depend on
     them, and every page is a real kernel page.
     """
-    from vmtrace.rawdir import write_rawdir
+    from vmtrace.format.rawdir import write_rawdir
     from vmtrace.sources import open_source, source_metadata
     with open_source(trace_path) as src:
         md = source_metadata(src)
@@ -241,7 +241,7 @@ def streaming_rss(trace_path: str, target_bytes: int = 1 << 30, *, progress: Pro
         target = raw
         if kind != "rawdir":
             from vmtrace.format.tracedat_write import write_tracedat
-            from vmtrace.rawdir import read_rawdir
+            from vmtrace.format.rawdir import read_rawdir
             _say(progress, f"writing it as a {kind} trace.dat")
             md = {}
             base = Path(raw) / "metadata"

@@ -53,7 +53,7 @@ def _seed_dir_view(path: str, formats: str, tmp: str) -> str:
     """A raw directory (docs/internals.md layout) made of a seed agent's cpuN files
     and a tracefs copy, so the normal reader opens it: the CPU files are linked, the
     metadata is copied through the raw-directory writer (which validates every name)."""
-    from vmtrace.rawdir import write_metadata
+    from vmtrace.format.rawdir import write_metadata
     import re
     src = os.path.abspath(path)
     if not os.path.isdir(src):

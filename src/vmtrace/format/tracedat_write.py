@@ -63,7 +63,7 @@ class _Meta:
         self.printk = blob("printk_formats")
         self.kallsyms = blob("kallsyms")
         if not self.kallsyms and metadata.get("kallsyms.gz"):
-            from vmtrace.rawdir import MAX_KALLSYMS, _gunzip_capped
+            from vmtrace.format.rawdir import MAX_KALLSYMS, _gunzip_capped
             self.kallsyms = _gunzip_capped(blob("kallsyms.gz"), MAX_KALLSYMS, "kallsyms.gz")
         self.ftrace: list[bytes] = []
         systems: dict[str, list[bytes]] = {}
@@ -225,7 +225,7 @@ class _Settings:
         self.cpucount = max([nr or 0] + [c + 1 for c in present])
         stat = options.get("cpustat")
         if stat is None and isinstance(m.get("stats"), dict):
-            from vmtrace.rawdir import _format_cpustat
+            from vmtrace.format.rawdir import _format_cpustat
             stat = [_format_cpustat(str(c), s) for c, s in sorted(
                 m["stats"].items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))
                 if isinstance(s, dict)]

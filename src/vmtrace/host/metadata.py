@@ -23,7 +23,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 def check_metadata(guest: str, files: Mapping[str, bytes], cap: int) -> Dict[str, bytes]:
     """Validate names, sizes and meta.json of what a guest sent; return a plain dict."""
-    from vmtrace.rawdir import validate_name
+    from vmtrace.format.rawdir import validate_name
 
     total = 0
     out: Dict[str, bytes] = {}

@@ -286,7 +286,7 @@ class Session:
         self._write_metadata(g)
 
     def _write_metadata(self, g: Guest) -> None:
-        from vmtrace.rawdir import write_metadata
+        from vmtrace.format.rawdir import write_metadata
 
         write_metadata(g.raw, g.metadata)
 
