@@ -11,20 +11,21 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vmtrace
 from vmtrace.errors import FormatError
-from vmtrace.format import events as ev
-from vmtrace.format.events import EventCatalog, batch_columns
+from vmtrace.format import columns
+from vmtrace.format.columns import batch_columns
+from vmtrace.format.events import EventCatalog
 from vmtrace.format.ringbuffer import decode_pages
 
 from test_ringbuffer import LAYOUT, PageBuilder, payload
 from test_ringbuffer_fuzz import FMT
 
-needs_c = pytest.mark.skipif(ev._gather_types is None, reason="the C gathers are not built")
+needs_c = pytest.mark.skipif(columns._gather_types is None, reason="the C gathers are not built")
 
 
 def _numpy(fn, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(ev, "_gather", None)
-        m.setattr(ev, "_gather_types", None)
+        m.setattr(columns, "_gather", None)
+        m.setattr(columns, "_gather_types", None)
         return _run(fn)
 
 
@@ -171,18 +172,18 @@ def test_short_payloads_and_bad_arguments(monkeypatch):
     batch.length[1] = 20
     _compare_batch(batch, _catalog(), monkeypatch)
     with pytest.raises(ValueError):
-        ev._gather(b"abc", np.zeros(2, np.int64), np.zeros(1, np.int32), 4, [])
+        columns._gather(b"abc", np.zeros(2, np.int64), np.zeros(1, np.int32), 4, [])
     col = np.empty(2, np.uint32)
     with pytest.raises(ValueError):
-        ev._gather(b"abcdefgh", np.zeros(2, np.int64), np.full(2, 8, np.int32), 4,
+        columns._gather(b"abcdefgh", np.zeros(2, np.int64), np.full(2, 8, np.int32), 4,
                    [(2, 4, 0, col), ])                                   # past the span
     with pytest.raises(ValueError):
-        ev._gather(b"abcdefgh", np.zeros(3, np.int64), np.full(3, 8, np.int32), 4,
+        columns._gather(b"abcdefgh", np.zeros(3, np.int64), np.full(3, 8, np.int32), 4,
                    [(0, 4, 0, col)])                                     # output too small
-    n = ev._gather(b"abcdefgh", np.array([0, 6, -1], np.int64), np.array([8, 8, 8], np.int32),
+    n = columns._gather(b"abcdefgh", np.array([0, 6, -1], np.int64), np.array([8, 8, 8], np.int32),
                    4, [(0, 4, 0, np.empty(3, np.uint32))])
     assert n == 3
     sel = np.empty(1, np.int64)
     with pytest.raises(ValueError):   # more events of the type than the plan has room for
-        ev._gather_types(b"abcdefgh", np.zeros(2, np.int64), np.full(2, 8, np.int32),
+        columns._gather_types(b"abcdefgh", np.zeros(2, np.int64), np.full(2, 8, np.int32),
                          np.zeros(2, np.uint16), [(0, 4, sel, [])])

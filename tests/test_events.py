@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vmtrace.errors import FormatError
-from vmtrace.format import events as ev
+from vmtrace.format import columns, events as ev
 from vmtrace.format.events import EventCatalog, parse_format
 from fmt_texts import sched_switch
 
@@ -153,7 +153,7 @@ def test_bytes_columns_equal_str_columns_on_a_real_trace(real_trace):
             assert a.keys() == b.keys()
             for name in a:
                 if b[name].dtype.kind == "S":
-                    assert ev.text_column(b[name]).tolist() == a[name].tolist()
+                    assert columns.text_column(b[name]).tolist() == a[name].tolist()
                     strings += len(sel)
                 elif a[name].dtype != object:
                     assert np.array_equal(a[name], b[name])
@@ -165,12 +165,12 @@ def test_cut_at_nul_matches_text_rules(width):
     rng = np.random.default_rng(width)
     block = (rng.integers(0, 3, (300, width)) * 0x61).astype(np.uint8)
     block[:5] = 0x62                                   # no NUL at all
-    cut = ev.cut_at_nul(block)
+    cut = columns.cut_at_nul(block)
     assert cut.dtype == np.dtype(f"S{width}")
-    assert [ev._text(bytes(r)) for r in block] == [c.decode("utf-8", "replace") for c in cut.tolist()]
+    assert [columns._text(bytes(r)) for r in block] == [c.decode("utf-8", "replace") for c in cut.tolist()]
     lengths = rng.integers(0, width + 1, 300)
-    cut = ev.cut_at_nul(block, lengths)
-    assert [ev._text(bytes(r[:n])) for r, n in zip(block, lengths)] == \
+    cut = columns.cut_at_nul(block, lengths)
+    assert [columns._text(bytes(r[:n])) for r, n in zip(block, lengths)] == \
         [c.decode("utf-8", "replace") for c in cut.tolist()]
 
 

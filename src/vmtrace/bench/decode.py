@@ -51,7 +51,7 @@ def decode_cpu_columns(tr: Any, cpu: int, sink: Optional[Callable[[Any, Dict[str
     when asked, :func:`vmtrace.format.events.text_column`), other variable-length
     fields as object arrays. ``sink(fmt, columns)`` receives each part (default: drop).
     """
-    from vmtrace.format.events import batch_columns
+    from vmtrace.format.columns import batch_columns
     n = 0
     for batch in tr.batches(cpu):
         n += len(batch)
