@@ -39,9 +39,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from vmtrace.format.printfmt import (M64, _HELPERS, FieldInfo, compile_print_fmt, compile_reader,
-                                     field_info)
 from vmtrace.format.metadata import MAX_ADDR_DIGITS, kallsyms_text
+from vmtrace.format.plugins import applicable_plugin
+from vmtrace.format.printfmt import M64, FieldInfo, compile_print_fmt, compile_reader, field_info
 from vmtrace.format.render import TextRenderer, event_name_column, lost_text
 
 # Lines rendered per step: bounds the Python objects alive at once (~64k lines of text).
@@ -470,108 +470,6 @@ def _objects(vals: list) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- plugins in bulk
-# The same text as vmtrace.format.plugins, as a format and argument expressions.
-
-_STATES = "SDTtZXxW"
-_TLB = {0: "flush on task switch", 1: "remote shootdown", 2: "local shootdown",
-        3: "local mm shootdown"}
-
-
-def _plugin_ns(ctx: Any) -> dict:
-    symbol = ctx.symbol
-
-    def kprefix(v: int) -> str:
-        addr = v & M64
-        hit = symbol(addr)
-        if hit is None:
-            return ""
-        return "(%s+0x%x) " % (hit[0], (addr - hit[1]) & 0xFFFFFFFF)
-
-    def funcf(v: int) -> str:
-        v &= M64
-        hit = symbol(v)
-        if hit is None:
-            return "0x%08x" % v
-        return "%s/0x%x" % (hit[0], (hit[1] - v) & M64)
-
-    def state(st: int) -> str:
-        if st & ((1 << len(_STATES)) - 1):
-            return "|".join(_STATES[i] for i in range(len(_STATES)) if st >> i & 1)
-        return "R"
-
-    def tlbr(r: int) -> str:
-        return _TLB.get(r) or ""
-
-    ns = dict(_HELPERS)
-    ns.update(_kprefix=kprefix, _funcf=funcf, _state=state, _tlbr=tlbr)
-    return ns
-
-
-def _plugin_spec(fmt: Any, names: set, pf: Any, ctx: Any) -> Optional[tuple]:
-    """(body format, arg codes, namespace, registration kind) for plugin events.
-
-    ``None`` when the event has no plugin or the plugin would not apply (then the
-    print fmt is used, as libtraceevent does); ``False`` when the plugin applies but has
-    no bulk form here (then the event goes through the per-event renderer).
-    """
-    key = (fmt.system, fmt.name)
-    has = names.__contains__
-    M = str(M64)
-    if key == ("sched", "sched_switch"):
-        need = ["prev_comm", "prev_pid", "prev_prio", "prev_state", "next_comm", "next_pid", "next_prio"]
-        if not all(map(has, need)):
-            return None
-        return ("%s:%d [%d] %s ==> %s:%d [%d]",
-                ["f_prev_comm", "f_prev_pid", "_s(f_prev_prio, 32)", "_state(f_prev_state)",
-                 "f_next_comm", "f_next_pid", "_s(f_next_prio, 32)"], _plugin_ns(ctx), "switch")
-    if key in (("sched", "sched_wakeup"), ("sched", "sched_wakeup_new")):
-        if not (has("comm") and has("pid")):
-            return None
-        body, args = "%s:%d", ["f_comm", "f_pid"]
-        if has("prio"):
-            body += " [%d]"
-            args.append("f_prio")
-        if has("success"):
-            body += " success=%d"
-            args.append("f_success")
-        if has("target_cpu"):
-            body += " CPU:%03d"
-            args.append("(f_target_cpu & %s)" % M)
-        return body, args, _plugin_ns(ctx), "wakeup"
-    if fmt.system == "kmem" and fmt.name in ("kfree", "kmalloc", "kmalloc_node", "kmem_cache_alloc",
-                                             "kmem_cache_alloc_node", "kmem_cache_free"):
-        if not has("call_site"):
-            return None
-        if pf is None:
-            return False
-        return ("%s" + pf.body_fmt, ["_kprefix(f_call_site)"] + list(pf.body_args),
-                dict(pf.namespace, **_plugin_ns(ctx)), None)
-    if key in (("timer", "hrtimer_expire_entry"), ("timer", "hrtimer_start")):
-        t = "timer" if has("timer") else "hrtimer"
-        if key[1] == "hrtimer_expire_entry":
-            if not all(map(has, (t, "now", "function"))):
-                return None
-            return ("hrtimer=0x%x now=%d function=%s",
-                    ["(f_%s & %s)" % (t, M), "(f_now & %s)" % M, "_funcf(f_function)"],
-                    _plugin_ns(ctx), None)
-        if not all(map(has, (t, "function", "expires", "softexpires"))):
-            return None
-        return ("hrtimer=0x%x function=%s expires=%d softexpires=%d",
-                ["(f_%s & %s)" % (t, M), "_funcf(f_function)", "(f_expires & %s)" % M,
-                 "(f_softexpires & %s)" % M], _plugin_ns(ctx), None)
-    if key == ("tlb", "tlb_flush"):
-        if not (has("pages") and has("reason")):
-            return None
-        return ("pages=%d reason=%s (%d)", ["_s(f_pages, 64)", "_tlbr(f_reason)", "f_reason"],
-                _plugin_ns(ctx), None)
-    if key == ("syscalls", "sys_enter_futex"):
-        if all(map(has, ("uaddr", "op", "val", "utime", "uaddr2", "val3"))):
-            return False
-        return None
-    return None
-
-
 # --------------------------------------------------------------------------- per event type
 
 
@@ -607,14 +505,21 @@ class _Type:
                                where=f"{fmt.system}:{name}", functions=False)
         if pf.failed or pf.namespace is None:
             pf = None
-        spec = _plugin_spec(fmt, set(by_name), pf, r.ctx)
-        if spec is False:
-            return
-        if spec is None:
-            if pf is None:
+        plugin = applicable_plugin(fmt, r.ctx)
+        if plugin is not None and plugin.comms:
+            # learned in merged order whichever way the lines are then made
+            self.reg = plugin.comms
+            self.reg_read = compile_reader(fmt.fields, [n for pair in plugin.comms for n in pair],
+                                           long_size=r.long_size, endian="<")
+        if plugin is not None:
+            bulk = plugin.bulk(fmt, pf, r.ctx) if plugin.bulk is not None else None
+            if bulk is None:      # the plugin has only its per-event form (for this event)
                 return
-            spec = (pf.body_fmt, list(pf.body_args), pf.namespace, None)
-        body, codes, ns, self.reg = spec
+            body, codes, ns = bulk.body, list(bulk.args), bulk.namespace
+        elif pf is None:
+            return
+        else:
+            body, codes, ns = pf.body_fmt, list(pf.body_args), pf.namespace
         try:
             args = [_Arg(c, by_name, ns) for c in codes]
         except (SyntaxError, ValueError, TypeError):
@@ -623,15 +528,7 @@ class _Type:
         if convs is None or len(convs) != len(args):
             return
         self.convs = convs
-        used = sorted({f for a in args for f in a.fields})
-        if self.reg == "switch":
-            used = sorted(set(used) | {"prev_pid", "prev_comm", "next_pid", "next_comm"})
-            self.reg_read = compile_reader(fmt.fields, ["prev_pid", "prev_comm", "next_pid", "next_comm"],
-                                           long_size=r.long_size, endian="<")
-        elif self.reg == "wakeup":
-            used = sorted(set(used) | {"pid", "comm"})
-            self.reg_read = compile_reader(fmt.fields, ["pid", "comm"], long_size=r.long_size,
-                                           endian="<")
+        used = sorted({f for a in args for f in a.fields} | {n for pair in self.reg or () for n in pair})
         fields = {n: by_name[n] for n in used}
         if not all(_bulk_field(fi) for fi in fields.values()):
             return
@@ -1049,8 +946,7 @@ class FastReport:
     def _registrations(self, seg: _Seg, ty: _Type, P: np.ndarray, codes: np.ndarray,
                        gr: Optional[_Group]) -> tuple:
         """(positions*2+k, pids, comms) this group registers, in its own order."""
-        pairs = (("prev_pid", "prev_comm"), ("next_pid", "next_comm")) if ty.reg == "switch" \
-            else (("pid", "comm"),)
+        pairs = ty.reg
         if gr is not None and not gr.bad.any():
             pos, pids, names = [], [], []
             for k, (pf, cf) in enumerate(pairs):

@@ -11,16 +11,22 @@ these were found by comparing trace-cmd's output with the plain print fmt on rea
 - hrtimer_start, hrtimer_expire_entry: ``function=sym/0x0`` style;
 - tlb_flush, syscalls:sys_enter_futex.
 
-Each factory gets the event's format, the compiled default renderer and a context
+Each plugin is declared once, in :data:`PLUGINS`, as a :class:`Plugin`: its per-event
+form and, where it has one, its bulk form for :mod:`vmtrace.format.fastrender`. The
+per-event form gets the event's format, the compiled default renderer and a context
 (symbol lookup, comm registration) and returns ``payload -> text``, or None when the
-event does not have the fields the plugin expects (then the default text is used,
-as libtraceevent does when a plugin's field lookup fails).
+event does not have the fields the plugin expects (then the default text is used, as
+libtraceevent does when a plugin's field lookup fails); that answer also decides for
+the bulk path. The bulk form is the same text as a Python %-format plus one argument
+expression per conversion; a plugin without one is printed per event on the fast path
+too, so declaring only the per-event form is never wrong, only slower.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
-from vmtrace.format.printfmt import M64, compile_reader
+from vmtrace.format.printfmt import _HELPERS, M64, compile_reader
 
 Render = Callable[[Any], str]
 
@@ -40,6 +46,28 @@ def _reader(fmt: Any, names: list[str]) -> Optional[Callable[[Any], tuple]]:
 
 def _has(fmt: Any, name: str) -> bool:
     return any(f.name == name for f in fmt.fields)
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """A plugin's text for many events at once: ``body % tuple(values of args)``.
+
+    ``args`` are Python expressions over ``f_<field>`` variables, evaluated in
+    ``namespace`` (printfmt's helpers plus the plugin's own), like a compiled print fmt's
+    ``body_fmt``/``body_args``.
+    """
+    body: str
+    args: tuple
+    namespace: dict
+
+
+def _bulk_namespace(ctx: PluginContext, base: Optional[dict] = None) -> dict:
+    """The helpers bulk argument expressions call, bound to this trace's symbols."""
+    symbol = ctx.symbol
+    ns = dict(_HELPERS if base is None else base)
+    ns.update(_kprefix=lambda v: _call_site_prefix(symbol, v),
+              _funcf=lambda v: _func_field(symbol, v), _tlbr=_tlb_reason)
+    return ns
 
 
 # ---------------------------------------------------------------- sched
@@ -69,12 +97,24 @@ def sched_switch(fmt: Any, default: Render, ctx: PluginContext) -> Optional[Rend
         pc, pp, ppr, st, nc, np_, npr = read(p)
         register(pp, pc)
         register(np_, nc)
-        if st & ((1 << len(states)) - 1):
-            s = "|".join(states[i] for i in range(len(states)) if st >> i & 1)
-        else:
-            s = "R"
-        return "%s:%d [%d] %s ==> %s:%d [%d]" % (pc, pp, _i32(ppr), s, nc, np_, _i32(npr))
+        return "%s:%d [%d] %s ==> %s:%d [%d]" % (pc, pp, _i32(ppr), _prev_state(st, states),
+                                                 nc, np_, _i32(npr))
     return render
+
+
+def _prev_state(st: int, states: str) -> str:
+    if st & ((1 << len(states)) - 1):
+        return "|".join(states[i] for i in range(len(states)) if st >> i & 1)
+    return "R"
+
+
+def sched_switch_bulk(fmt: Any, pf: Any, ctx: PluginContext) -> Optional[Bulk]:
+    ns = _bulk_namespace(ctx)
+    states = _state_letters(fmt)
+    ns["_state"] = lambda st: _prev_state(st, states)
+    return Bulk("%s:%d [%d] %s ==> %s:%d [%d]",
+                ("f_prev_comm", "f_prev_pid", "_s(f_prev_prio, 32)", "_state(f_prev_state)",
+                 "f_next_comm", "f_next_pid", "_s(f_next_prio, 32)"), ns)
 
 
 def sched_wakeup(fmt: Any, default: Render, ctx: PluginContext) -> Optional[Render]:
@@ -100,6 +140,16 @@ def sched_wakeup(fmt: Any, default: Render, ctx: PluginContext) -> Optional[Rend
     return render
 
 
+def sched_wakeup_bulk(fmt: Any, pf: Any, ctx: PluginContext) -> Optional[Bulk]:
+    body, args = "%s:%d", ["f_comm", "f_pid"]
+    for name, text, arg in (("prio", " [%d]", "f_prio"), ("success", " success=%d", "f_success"),
+                            ("target_cpu", " CPU:%03d", "(f_target_cpu & %d)" % M64)):
+        if _has(fmt, name):
+            body += text
+            args.append(arg)
+    return Bulk(body, tuple(args), _bulk_namespace(ctx))
+
+
 def _i32(v: int) -> int:
     v &= 0xFFFFFFFF
     return v - (1 << 32) if v & 0x80000000 else v
@@ -115,12 +165,23 @@ def kmem_call_site(fmt: Any, default: Render, ctx: PluginContext) -> Optional[Re
     symbol = ctx.symbol
 
     def render(p: Any) -> str:
-        addr = read(p)[0] & M64
-        hit = symbol(addr)
-        if hit is None:
-            return default(p)
-        return "(%s+0x%x) %s" % (hit[0], (addr - hit[1]) & 0xFFFFFFFF, default(p))
+        return _call_site_prefix(symbol, read(p)[0]) + default(p)
     return render
+
+
+def _call_site_prefix(symbol: Callable[[int], Optional[tuple]], val: int) -> str:
+    addr = val & M64
+    hit = symbol(addr)
+    if hit is None:
+        return ""
+    return "(%s+0x%x) " % (hit[0], (addr - hit[1]) & 0xFFFFFFFF)
+
+
+def kmem_call_site_bulk(fmt: Any, pf: Any, ctx: PluginContext) -> Optional[Bulk]:
+    if pf is None:      # the print fmt has no bulk form: neither has the prefixed text
+        return None
+    return Bulk("%s" + pf.body_fmt, ("_kprefix(f_call_site)",) + tuple(pf.body_args),
+                _bulk_namespace(ctx, pf.namespace))
 
 
 # ---------------------------------------------------------------- hrtimer
@@ -147,6 +208,13 @@ def hrtimer_expire_entry(fmt: Any, default: Render, ctx: PluginContext) -> Optio
     return render
 
 
+def hrtimer_expire_entry_bulk(fmt: Any, pf: Any, ctx: PluginContext) -> Optional[Bulk]:
+    t = "timer" if _has(fmt, "timer") else "hrtimer"
+    return Bulk("hrtimer=0x%x now=%d function=%s",
+                ("(f_%s & %d)" % (t, M64), "(f_now & %d)" % M64, "_funcf(f_function)"),
+                _bulk_namespace(ctx))
+
+
 def hrtimer_start(fmt: Any, default: Render, ctx: PluginContext) -> Optional[Render]:
     tname = "timer" if _has(fmt, "timer") else "hrtimer"
     read = _reader(fmt, [tname, "function", "expires", "softexpires"])
@@ -159,6 +227,13 @@ def hrtimer_start(fmt: Any, default: Render, ctx: PluginContext) -> Optional[Ren
         return "hrtimer=0x%x function=%s expires=%d softexpires=%d" % (
             t & M64, _func_field(symbol, fn), exp & M64, soft & M64)
     return render
+
+
+def hrtimer_start_bulk(fmt: Any, pf: Any, ctx: PluginContext) -> Optional[Bulk]:
+    t = "timer" if _has(fmt, "timer") else "hrtimer"
+    return Bulk("hrtimer=0x%x function=%s expires=%d softexpires=%d",
+                ("(f_%s & %d)" % (t, M64), "_funcf(f_function)", "(f_expires & %d)" % M64,
+                 "(f_softexpires & %d)" % M64), _bulk_namespace(ctx))
 
 
 # ---------------------------------------------------------------- tlb, futex
@@ -176,9 +251,17 @@ def tlb_flush(fmt: Any, default: Render, ctx: PluginContext) -> Optional[Render]
         pages, reason = read(p)
         pages = pages & M64
         pages = pages - (1 << 64) if pages >> 63 else pages
-        r = _TLB_REASONS.get(reason)
-        return "pages=%d reason=%s (%d)" % (pages, r or "", reason)
+        return "pages=%d reason=%s (%d)" % (pages, _tlb_reason(reason), reason)
     return render
+
+
+def _tlb_reason(reason: int) -> str:
+    return _TLB_REASONS.get(reason) or ""
+
+
+def tlb_flush_bulk(fmt: Any, pf: Any, ctx: PluginContext) -> Optional[Bulk]:
+    return Bulk("pages=%d reason=%s (%d)", ("_s(f_pages, 64)", "_tlbr(f_reason)", "f_reason"),
+                _bulk_namespace(ctx))
 
 
 _FUTEX_OPS = [
@@ -224,24 +307,64 @@ def sys_enter_futex(fmt: Any, default: Render, ctx: PluginContext) -> Optional[R
 
 # ---------------------------------------------------------------- registry
 
-PLUGINS: dict[tuple[str, str], Callable[[Any, Render, PluginContext], Optional[Render]]] = {
-    ("sched", "sched_switch"): sched_switch,
-    ("sched", "sched_wakeup"): sched_wakeup,
-    ("sched", "sched_wakeup_new"): sched_wakeup,
-    ("kmem", "kfree"): kmem_call_site,
-    ("kmem", "kmalloc"): kmem_call_site,
-    ("kmem", "kmalloc_node"): kmem_call_site,
-    ("kmem", "kmem_cache_alloc"): kmem_call_site,
-    ("kmem", "kmem_cache_alloc_node"): kmem_call_site,
-    ("kmem", "kmem_cache_free"): kmem_call_site,
-    ("timer", "hrtimer_expire_entry"): hrtimer_expire_entry,
-    ("timer", "hrtimer_start"): hrtimer_start,
-    ("tlb", "tlb_flush"): tlb_flush,
-    ("syscalls", "sys_enter_futex"): sys_enter_futex,
+Factory = Callable[[Any, Render, PluginContext], Optional[Render]]
+# (format, compiled print fmt or None, context) -> the bulk text, None: print per event
+BulkFactory = Callable[[Any, Any, PluginContext], Optional[Bulk]]
+
+_SWITCH_COMMS = (("prev_pid", "prev_comm"), ("next_pid", "next_comm"))
+_WAKEUP_COMMS = (("pid", "comm"),)
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """One trace-cmd plugin override, in every form the renderers use.
+
+    ``comms`` are the (pid field, comm field) pairs the plugin teaches the comm table:
+    the per-event form registers them as it renders, the bulk renderer learns them
+    ahead of formatting, so it needs them declared (tests check the two agree).
+    """
+    render: Factory
+    bulk: Optional[BulkFactory] = None
+    comms: tuple = ()
+
+
+_KMEM = Plugin(kmem_call_site, kmem_call_site_bulk)
+
+PLUGINS: dict[tuple[str, str], Plugin] = {
+    ("sched", "sched_switch"): Plugin(sched_switch, sched_switch_bulk, _SWITCH_COMMS),
+    ("sched", "sched_wakeup"): Plugin(sched_wakeup, sched_wakeup_bulk, _WAKEUP_COMMS),
+    ("sched", "sched_wakeup_new"): Plugin(sched_wakeup, sched_wakeup_bulk, _WAKEUP_COMMS),
+    ("kmem", "kfree"): _KMEM,
+    ("kmem", "kmalloc"): _KMEM,
+    ("kmem", "kmalloc_node"): _KMEM,
+    ("kmem", "kmem_cache_alloc"): _KMEM,
+    ("kmem", "kmem_cache_alloc_node"): _KMEM,
+    ("kmem", "kmem_cache_free"): _KMEM,
+    ("timer", "hrtimer_expire_entry"): Plugin(hrtimer_expire_entry, hrtimer_expire_entry_bulk),
+    ("timer", "hrtimer_start"): Plugin(hrtimer_start, hrtimer_start_bulk),
+    ("tlb", "tlb_flush"): Plugin(tlb_flush, tlb_flush_bulk),
+    ("syscalls", "sys_enter_futex"): Plugin(sys_enter_futex),
 }
 
 
 def plugin_for(fmt: Any, default: Render, ctx: PluginContext) -> Optional[Render]:
     """The plugin renderer for ``fmt``'s event, or None to use the print fmt as is."""
-    factory = PLUGINS.get((fmt.system, fmt.name))
-    return factory(fmt, default, ctx) if factory else None
+    plugin = PLUGINS.get((fmt.system, fmt.name))
+    return plugin.render(fmt, default, ctx) if plugin else None
+
+
+def _never(p: Any) -> str:
+    raise AssertionError("a plugin's default renderer was called while probing it")
+
+
+def applicable_plugin(fmt: Any, ctx: PluginContext) -> Optional[Plugin]:
+    """The plugin that prints ``fmt``'s events, or None when the print fmt does.
+
+    Asked of the per-event form, so both renderers agree on when a plugin applies: its
+    factory returns None when the event lacks a field it reads. The probe renders
+    nothing, so the default it is given is never called.
+    """
+    plugin = PLUGINS.get((fmt.system, fmt.name))
+    if plugin is None or plugin.render(fmt, _never, ctx) is None:
+        return None
+    return plugin
