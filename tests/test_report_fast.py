@@ -20,7 +20,8 @@ import realtrace
 from vmtrace import api
 from vmtrace.commands.report import text_blocks, text_lines
 from vmtrace.format.events import EventCatalog
-from vmtrace.format.fastrender import FastKallsyms, _conversions
+from vmtrace.format.fastargs import _conversions
+from vmtrace.format.fastrender import FastKallsyms
 from vmtrace.format.metadata import KallSyms, TraceMetadata
 from vmtrace.format.ringbuffer import EventBatch, LostMark
 from fmt_texts import sched_switch

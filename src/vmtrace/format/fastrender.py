@@ -4,28 +4,22 @@
 chunk of merged events with a handful of numpy steps and one ``%`` operation per line,
 and falls back to the per-event renderer wherever bulk rendering could differ:
 
-1. **Merge.** Each CPU's batches (:meth:`vmtrace.api.Trace.batches`) become items
-   (events, plus lost-event markers placed like :mod:`vmtrace.api` places them). trace-cmd
-   (and ``heapq.merge`` in the per-event path) repeatedly takes the CPU whose next item
-   has the smallest timestamp, ties to the lower CPU. For streams that are sorted that
-   is a stable sort by (timestamp, CPU, position); for streams whose clock steps back it
-   is the same sort on each stream's running maximum of the timestamp, which is what we
-   sort on. Items are released in windows: everything below the smallest "last pending
-   key" of the CPUs that still have data, so memory is bounded by about one decoded
-   chunk per CPU.
+1. **Merge** (:mod:`.fastmerge`). Each CPU's items are merged in trace-cmd's order and
+   released in windows, so memory stays about one decoded chunk per CPU.
 2. **Comm column.** trace-cmd learns task names from sched_switch/sched_wakeup as it
    prints them (a pid gets the first name seen, the event that teaches it still shows
    the old one). A pass over just those events, in merged order, gives for each pid the
    position from which its new name applies.
 3. **Lines per event type.** For each (batch, event type) in a window the fields used by
-   the print fmt (or plugin) are gathered into numpy columns; each conversion's argument
-   becomes a column: simple casts in numpy, helper calls (flags, symbols, printk
-   strings) evaluated once per distinct value, anything else per event with the same
-   generated expression the per-event renderer uses. Then
+   the print fmt (or plugin) are gathered into numpy columns (:mod:`.fastcolumns`);
+   each conversion's argument becomes a column (:mod:`.fastargs`): simple casts in
+   numpy, helper calls (flags, symbols, printk strings) evaluated once per distinct
+   value, anything else per event with the same generated expression the per-event
+   renderer uses. Then
    ``list(map(FMT.__mod__, zip(head, sec, usec, *args)))`` makes the lines, where FMT is
    the buffer prefix, the header layout with the CPU filled in, the padded name and the
    print fmt's own format.
-4. Lines are scattered back into merged order and written in large blocks.
+4. Lines are scattered back into merged order and written in large blocks (here).
 
 Payloads too short for the fields used, ``__data_loc`` strings pointing past the
 payload, event types with fields or helpers not handled here, and any group whose bulk
@@ -33,617 +27,23 @@ evaluation raises go through :class:`~vmtrace.format.render.TextRenderer` unchan
 """
 from __future__ import annotations
 
-import ast
-import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from vmtrace.format.metadata import MAX_ADDR_DIGITS, kallsyms_text
-from vmtrace.format.plugins import applicable_plugin
-from vmtrace.format.printfmt import M64, FieldInfo, compile_print_fmt, compile_reader, field_info
+from vmtrace.format.fastargs import _b, _NotAscii, _Type
+from vmtrace.format.fastcolumns import _concat_groups, _Group, _materialize
+from vmtrace.format.fastkallsyms import FastKallsyms
+from vmtrace.format.fastmerge import Merge, _Seg
+from vmtrace.format.printfmt import M64
 from vmtrace.format.render import TextRenderer, event_name_column, lost_text
+
+__all__ = ["FastReport", "FastKallsyms", "supported", "report_blocks", "SUB_CHUNK"]
 
 # Lines rendered per step: bounds the Python objects alive at once (~64k lines of text).
 SUB_CHUNK = 1 << 16
 
 _U64 = np.uint64
-
-
-# --------------------------------------------------------------------------- kallsyms
-
-
-class FastKallsyms:
-    """The same lookups as :class:`vmtrace.format.metadata.KallSyms`, parsed with numpy.
-
-    A regular ``/proc/kallsyms`` (16 hex digits, one space, a type letter, one space, a
-    name) is read in a few array operations instead of a Python split per line; any
-    other text goes to ``fallback`` (the metadata's own parser), so results never differ.
-    """
-
-    _WS = (9, 10, 11, 12, 13, 28, 29, 30, 31, 32)
-
-    def __init__(self, raw: Any, fallback: Any):
-        self._raw = raw
-        self._text = raw if isinstance(raw, (bytes, bytearray, memoryview)) else None
-        self._fallback = fallback
-        self._addrs: Optional[np.ndarray] = None
-        self._slow = False
-        self._named: Dict[str, Optional[int]] = {}
-        self._by_name: Optional[Dict[bytes, Optional[int]]] = None
-        self._source = getattr(fallback, "source", None)     # the trace, for errors
-
-    def address(self, name: str) -> Optional[int]:
-        """A symbol's address by name (rare: print fmts naming kernel variables).
-
-        The first line naming it, in file order (0 when kptr_restrict hid it: None). The
-        index is built on the first call, in one pass: a search of the whole text per
-        name cost 0.4 s each, and a print fmt can name a hundred.
-        """
-        if name in self._named:
-            return self._named[name]
-        text = self._text
-        if text is not None and bytes(text[:2]) != b"\x1f\x8b":
-            if self._by_name is None:
-                self._by_name = _kallsyms_names(bytes(kallsyms_text(text, self._source) or b""))
-            addr = self._by_name.get(name.encode())
-        elif self._fallback is not None and hasattr(self._fallback, "address"):
-            addr = self._fallback.address(name)
-        else:
-            addr = None
-        self._named[name] = addr
-        return addr
-
-    def _load(self) -> None:
-        raw = self._raw
-        self._raw = None
-        if isinstance(raw, str):
-            self._slow = True
-            return
-        raw = bytes(raw or b"")
-        if raw[:2] == b"\x1f\x8b":
-            self._slow = True
-            return
-        parsed = _parse_kallsyms(kallsyms_text(raw, self._source))
-        if parsed is None:
-            self._slow = True
-            return
-        self._addrs, self._starts, self._ends, self._bytes = parsed
-
-    def lookup(self, addr: int) -> Optional[tuple]:
-        if self._addrs is None and not self._slow:
-            self._load()
-        if self._slow:
-            return self._fallback.lookup(addr) if self._fallback is not None else None
-        addrs = self._addrs
-        if not addrs.shape[0] or addr < 0 or addr > M64:
-            return None
-        i = int(np.searchsorted(addrs, _U64(addr), side="right")) - 1
-        if i < 0:
-            return None
-        start = int(addrs[i])
-        nxt = int(addrs[i + 1]) if i + 1 < addrs.shape[0] else start
-        size = nxt - start if nxt > start else 0
-        if size and addr - start >= size:
-            return None
-        name = self._bytes[int(self._starts[i]):int(self._ends[i])].split(None, 1)[0].decode()
-        return name, addr - start, size
-
-
-def _kallsyms_names(text: bytes) -> Dict[bytes, Optional[int]]:
-    """name -> address of its first ``ADDR TYPE NAME`` line (None for a zero address)."""
-    out: Dict[bytes, Optional[int]] = {}
-    for line in text.split(b"\n"):
-        a = line.find(b" ")
-        b = line.find(b" ", a + 1)
-        if a <= 0 or b <= a + 1 or a > MAX_ADDR_DIGITS:
-            continue
-        kind = line[a + 1:b]
-        if kind.split() != [kind]:
-            continue
-        name = line[b + 1:].split(b"\t", 1)[0].split(b" ", 1)[0]
-        if name in out or not name or line[:a].strip(b"0123456789abcdefABCDEF"):
-            continue
-        out[name] = int(line[:a], 16) or None
-    return out
-
-
-def _parse_kallsyms(raw: bytes) -> Optional[tuple]:
-    """(sorted addresses, name starts, line ends, text) or None if not regular.
-
-    Regular means what the per-line parser would read as ``addr type name [mod]`` with
-    exactly one space between the first three: then the name is the bytes from column
-    19 to the next space or tab, read when a lookup needs it.
-    """
-    empty = (np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64), raw)
-    if not raw:
-        return empty
-    # bytes str.splitlines()/split() treat specially; non-ASCII decodes with replacement
-    if not raw.isascii() or any(bytes([c]) in raw for c in b"\r\x0b\x0c\x1c\x1d\x1e\x1f"):
-        return None
-    a = np.frombuffer(raw, np.uint8)
-    nl = np.flatnonzero(a == 10)
-    starts = np.concatenate(([0], nl + 1))
-    ends = np.concatenate((nl, [a.shape[0]]))
-    keep = ends > starts
-    starts, ends = starts[keep], ends[keep]
-    if not starts.shape[0]:
-        return empty
-    if (ends - starts < 20).any():
-        return None
-    if not (a[starts + 16] == 32).all() or not (a[starts + 18] == 32).all():
-        return None
-    for col in (a[starts + 17], a[starts + 19]):
-        if ((col == 32) | (col == 9)).any():
-            return None
-    lut = np.full(256, 255, np.uint8)
-    lut[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
-    lut[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-    digits = lut[np.lib.stride_tricks.sliding_window_view(a, 16)[starts]]
-    if (digits == 255).any():
-        return None
-    addrs = np.zeros(starts.shape[0], np.uint64)
-    four = np.uint64(4)
-    for k in range(16):
-        addrs = (addrs << four) | digits[:, k]
-    nz = addrs != 0
-    addrs, nstart, ends = addrs[nz], (starts + 19)[nz], ends[nz]
-    order = np.argsort(addrs, kind="stable")
-    return addrs[order], nstart[order], ends[order], raw
-
-
-# --------------------------------------------------------------------------- columns
-
-# Column kinds: ("num", 1-D int array) ("arr", 2-D int array) ("str", raw text per row:
-# an "S" array or an object array of bytes; the text is what precedes the first NUL).
-_STRUCT_OK = (1, 2, 4, 8)
-
-
-def _bulk_field(fi: FieldInfo) -> bool:
-    if not fi.is_array:
-        return fi.size in _STRUCT_OK
-    if fi.is_string:
-        return fi.is_dynamic or fi.size > 0
-    return (not fi.is_dynamic) and fi.size > 0 and fi.elsize in _STRUCT_OK
-
-
-class _TextMemo(dict):
-    """raw char data -> the str the per-event path makes of it (cut at NUL, UTF-8)."""
-
-    def __missing__(self, raw: bytes) -> str:
-        i = raw.find(b"\0")
-        v = (raw if i < 0 else raw[:i]).decode("utf-8", "replace")
-        if len(self) >= 1 << 16:
-            self.clear()
-        self[raw] = v
-        return v
-
-
-class _Utf8Memo(dict):
-    """raw char data -> that text encoded as output bytes."""
-
-    def __missing__(self, raw: bytes) -> bytes:
-        v = _TEXT[raw].encode("utf-8", "surrogateescape")
-        if len(self) >= 1 << 16:
-            self.clear()
-        self[raw] = v
-        return v
-
-
-_TEXT = _TextMemo()
-_UTF8 = _Utf8Memo()
-
-
-class _Group:
-    """Fields of some events of one type, gathered from one batch."""
-
-    def __init__(self, seg: "_Seg", offs: np.ndarray, lens: np.ndarray, ty: "_Type"):
-        n = self.n = offs.shape[0]
-        self.cols: Dict[str, tuple] = {}
-        span = ty.span
-        short = lens < span
-        bad = short
-        if span and n:
-            if short.any():
-                offs = np.where(short, 0, offs)
-            rows = seg.window(span)[offs]
-        else:
-            rows = np.zeros((n, max(span, 0)), np.uint8)
-        if ty.rec is not None:
-            rec = rows.view(ty.rec).reshape(n)
-            for name in ty.rec.names:
-                self.cols[name] = ("num", rec[name])
-        for name, fi in ty.others:
-            o, s = fi.offset, fi.size
-            if fi.is_string and not fi.is_dynamic:
-                self.cols[name] = ("str", np.ascontiguousarray(rows[:, o:o + s]).view("S%d" % s).reshape(n))
-            elif fi.is_string:
-                col, b = _dyn_strings(seg, rows, offs, lens, fi, short)
-                bad = bad | b
-                self.cols[name] = col
-            else:
-                es = fi.elsize
-                cnt = s // es
-                dt = np.dtype("<%s%d" % ("i" if fi.signed else "u", es))
-                blk = np.ascontiguousarray(rows[:, o:o + cnt * es]).view(dt).reshape(n, cnt)
-                self.cols[name] = ("arr", blk)
-        self.bad = bad
-
-
-def _dyn_strings(seg: "_Seg", rows: np.ndarray, offs: np.ndarray, lens: np.ndarray,
-                 fi: FieldInfo, short: np.ndarray) -> Tuple[tuple, np.ndarray]:
-    """__data_loc strings: the location word of each row, then one gather of the text
-    (rows padded to the longest with NULs, which the text stops at anyway)."""
-    n = offs.shape[0]
-    o = fi.offset
-    w = np.ascontiguousarray(rows[:, o:o + 4]).view("<u4").reshape(n).astype(np.int64)
-    start = (w & 0xFFFF) + (o + 4 if fi.is_rel else 0)
-    length = w >> 16
-    bad = (start + length > lens) | short
-    length = np.where(bad, 0, length)
-    absolute = np.where(bad, 0, offs + start)
-    longest = int(length.max()) if n else 0
-    if longest == 0:
-        return ("str", np.zeros(n, "S1")), bad
-    if n * longest <= 1 << 22 and int(absolute.max()) + longest <= seg.raw.shape[0]:
-        block = seg.window(longest)[absolute]
-        block[np.arange(longest)[None, :] >= length[:, None]] = 0
-        return ("str", block.view("S%d" % longest).reshape(n)), bad
-    out = np.empty(n, dtype=object)
-    out[:] = [b""] * n
-    for L in np.unique(length[length > 0]).tolist():
-        idx = np.flatnonzero(length == L)
-        out[idx] = seg.window(L)[absolute[idx]].view("S%d" % L).reshape(-1).tolist()
-    return ("str", out), bad
-
-
-def _materialize(col: tuple) -> list:
-    if col[0] == "str":
-        return list(map(_TEXT.__getitem__, col[1].tolist()))
-    return col[1].tolist()
-
-
-# --------------------------------------------------------------------------- argument plans
-
-_MASKS = {(1 << b) - 1: b for b in (8, 16, 32, 64)}
-
-
-def _vector(node: ast.AST, kinds: Dict[str, str]) -> Optional[Any]:
-    """A numpy version of the simple integer expressions codegen emits (casts, masks,
-    ``a[K]``), as a function of the columns; None if ``node`` is something else."""
-    if isinstance(node, ast.Name) and node.id.startswith("f_"):
-        name = node.id[2:]
-        if kinds.get(name) != "num":
-            return None
-        return lambda cols: cols[name][1]
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_s" \
-            and len(node.args) == 2 and isinstance(node.args[1], ast.Constant) \
-            and node.args[1].value in (8, 16, 32, 64):
-        inner = _vector(node.args[0], kinds)
-        if inner is None:
-            return None
-        dt = np.dtype("i%d" % (node.args[1].value // 8))
-        return lambda cols: inner(cols).astype(dt)
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd) \
-            and isinstance(node.right, ast.Constant) and node.right.value in _MASKS:
-        inner = _vector(node.left, kinds)
-        if inner is None:
-            return None
-        dt = np.dtype("u%d" % (_MASKS[node.right.value] // 8))
-        return lambda cols: inner(cols).astype(dt)
-    if isinstance(node, ast.IfExp) and isinstance(node.body, ast.Subscript) \
-            and isinstance(node.orelse, ast.Constant) and node.orelse.value == 0:
-        # codegen's "(f_a[K] if 0 <= K < len(f_a) else 0)" with a constant K
-        sub = node.body
-        if isinstance(sub.value, ast.Name) and isinstance(sub.slice, ast.Constant) \
-                and isinstance(sub.slice.value, int) and sub.value.id.startswith("f_") \
-                and kinds.get(sub.value.id[2:]) == "arr" \
-                and ast.dump(node.test) == ast.dump(ast.parse(
-                    "0 <= %d < len(%s)" % (sub.slice.value, sub.value.id), mode="eval").body):
-            name, k = sub.value.id[2:], sub.slice.value
-
-            def index(cols: Dict[str, tuple]) -> np.ndarray:
-                a = cols[name][1]
-                return a[:, k] if 0 <= k < a.shape[1] else np.zeros(a.shape[0], np.int64)
-            return index
-    return None
-
-
-class _Memo(dict):
-    """fn(value) per distinct value, remembered across groups (helpers are pure)."""
-
-    def __init__(self, fn: Any, conv: Optional[str], text: bool):
-        super().__init__()
-        self.fn = fn
-        self.conv = conv
-        self.text = text        # keys are raw char data: pass the fn their text
-
-    def __missing__(self, key: Any) -> Any:
-        v = self.fn(_TEXT[key] if self.text else key)
-        if self.conv:
-            v = _b(v)
-            if self.conv == "s!" and not v.isascii():
-                raise _NotAscii()
-        if len(self) >= 1 << 17:
-            self.clear()
-        self[key] = v
-        return v
-
-
-def _field_kind(fi: FieldInfo) -> str:
-    if not fi.is_array:
-        return "num"
-    return "str" if fi.is_string else "arr"
-
-
-_FVAR = re.compile(r"\bf_([A-Za-z0-9_]+)")
-_CALLS = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
-
-
-class _Arg:
-    """One conversion argument: how to turn gathered columns into a list of values."""
-
-    def __init__(self, code: str, fields: Dict[str, FieldInfo], ns: dict):
-        self.code = code
-        # field variables (a string literal that happens to spell one only adds an
-        # unused parameter)
-        names = sorted({n for n in _FVAR.findall(code) if n in fields})
-        self.fields = names
-        kinds = {n: _field_kind(fields[n]) for n in names}
-        self.direct = names[0] if len(names) == 1 and code == "f_" + names[0] else None
-        self.vector = None
-        if self.direct is None and set(_CALLS.findall(code)) <= {"_s", "len"}:
-            self.vector = _vector(ast.parse(code, mode="eval").body, kinds)
-        self.memo_field = names[0] if len(names) == 1 and kinds[names[0]] in ("num", "str") else None
-        self.ns = ns
-        self._fn: Any = None
-        self._memos: Dict[tuple, _Memo] = {}
-
-    @property
-    def fn(self) -> Any:
-        if self._fn is None:
-            src = "lambda %s: %s" % (", ".join("f_" + n for n in self.fields), self.code)
-            self._fn = eval(compile(src, "<bulk arg>", "eval"), self.ns)  # noqa: S307 - printfmt's code
-        return self._fn
-
-    def memo(self, conv: Optional[str], text: bool) -> _Memo:
-        m = self._memos.get((conv, text))
-        if m is None:
-            m = self._memos[(conv, text)] = _Memo(self.fn, conv, text)
-        return m
-
-    def column(self, g: _Group, conv: Optional[str]) -> list:
-        """Values for ``g``; as UTF-8 bytes when ``conv`` is "s" (a %s conversion) or
-        "s!" (a %s with width or precision: then only ASCII, or _NotAscii is raised)."""
-        cols = g.cols
-        if self.direct is not None:
-            c = cols[self.direct]
-            if c[0] == "str":
-                if not conv:
-                    return list(map(_TEXT.__getitem__, c[1].tolist()))
-                vals = list(map(_UTF8.__getitem__, c[1].tolist()))
-                if conv == "s!" and not all(map(bytes.isascii, vals)):
-                    raise _NotAscii()
-                return vals
-            vals = c[1].tolist()
-            return _as_bytes(vals, conv) if conv else vals
-        if self.vector is not None:
-            vals = self.vector(cols).tolist()
-            return _as_bytes(vals, conv) if conv else vals
-        if self.memo_field is not None:
-            c = cols[self.memo_field]
-            return list(map(self.memo(conv, c[0] == "str").__getitem__, c[1].tolist()))
-        fn = self.fn
-        if not self.fields:
-            vals = [fn()]
-            return (_as_bytes(vals, conv) if conv else vals) * g.n
-        vals = list(map(fn, *[_materialize(cols[f]) for f in self.fields]))
-        return _as_bytes(vals, conv) if conv else vals
-
-
-class _NotAscii(Exception):
-    """A padded %s of non-ASCII text: widths count characters, so format as str."""
-
-
-def _b(v: Any) -> bytes:
-    if not isinstance(v, str):
-        v = "%s" % (v,)
-    return v.encode("utf-8", "surrogateescape")
-
-
-def _as_bytes(vals: list, conv: str) -> list:
-    out = list(map(_b, vals))
-    if conv == "s!" and not all(map(bytes.isascii, out)):
-        raise _NotAscii()
-    return out
-
-
-def _objects(vals: list) -> np.ndarray:
-    """A 1-D object array of ``vals`` (np.array would nest tuples and lists)."""
-    if not vals or isinstance(vals[0], (str, bytes, int)):
-        a = np.array(vals, dtype=object)
-        if a.ndim == 1 and a.shape[0] == len(vals):
-            return a
-    out = np.empty(len(vals), dtype=object)
-    for i, v in enumerate(vals):
-        out[i] = v
-    return out
-
-
-# --------------------------------------------------------------------------- per event type
-
-
-class _Type:
-    """How to render one event type in bulk, or ``bulk = False`` for the per-event path."""
-
-    def __init__(self, fmt: Any, r: TextRenderer, prefix: str):
-        self.fmt = fmt
-        self.bulk = False
-        self.reg = None
-        self.reg_read = None
-        self.fmts: Dict[int, str] = {}
-        if fmt is None:
-            self.tail = "[UNKNOWN EVENT]".replace("%", "%%")
-            self.args: List[_Arg] = []
-            self.convs: List[Optional[str]] = []
-            self.fields: Dict[str, FieldInfo] = {}
-            self.span = 0
-            self.rec = None
-            self.others: list = []
-            self.bulk = True
-            self.prefix = prefix.replace("%", "%%")
-            return
-        if getattr(fmt, "endian", "<") != "<":
-            return
-        name = getattr(fmt, "name", "") or "(NULL)"
-        infos = [field_info(f, r.long_size) for f in fmt.fields]
-        by_name = {fi.name: fi for fi in infos}
-        # only the format and argument expressions: the per-event renderer is made if
-        # and when some event of this type needs it
-        pf = compile_print_fmt(fmt.print_fmt or "", infos, symbols=r.ctx.symbol, atoms=r.ctx.address,
-                               printk=r.printk_lookup, long_size=r.long_size, endian="<",
-                               where=f"{fmt.system}:{name}", functions=False)
-        if pf.failed or pf.namespace is None:
-            pf = None
-        plugin = applicable_plugin(fmt, r.ctx)
-        if plugin is not None and plugin.comms:
-            # learned in merged order whichever way the lines are then made
-            self.reg = plugin.comms
-            self.reg_read = compile_reader(fmt.fields, [n for pair in plugin.comms for n in pair],
-                                           long_size=r.long_size, endian="<")
-        if plugin is not None:
-            bulk = plugin.bulk(fmt, pf, r.ctx) if plugin.bulk is not None else None
-            if bulk is None:      # the plugin has only its per-event form (for this event)
-                return
-            body, codes, ns = bulk.body, list(bulk.args), bulk.namespace
-        elif pf is None:
-            return
-        else:
-            body, codes, ns = pf.body_fmt, list(pf.body_args), pf.namespace
-        try:
-            args = [_Arg(c, by_name, ns) for c in codes]
-        except (SyntaxError, ValueError, TypeError):
-            return
-        convs = _conversions(body)
-        if convs is None or len(convs) != len(args):
-            return
-        self.convs = convs
-        used = sorted({f for a in args for f in a.fields} | {n for pair in self.reg or () for n in pair})
-        fields = {n: by_name[n] for n in used}
-        if not all(_bulk_field(fi) for fi in fields.values()):
-            return
-        # struct.unpack_from in the per-event path needs every scalar it reads; slices of
-        # strings are clamped there, so a payload shorter than a string differs: per event.
-        self.span = max([fi.offset + (4 if fi.is_dynamic else fi.size) for fi in fields.values()]
-                        + [0])
-        self.fields = fields
-        scal = [(n, fi) for n, fi in fields.items() if not fi.is_array]
-        self.rec = np.dtype({"names": [n for n, _ in scal],
-                             "formats": ["<%s%d" % ("i" if fi.signed else "u", fi.size) for _, fi in scal],
-                             "offsets": [fi.offset for _, fi in scal],
-                             "itemsize": self.span}) if scal else None
-        self.others = [(n, fi) for n, fi in fields.items() if fi.is_array]
-        self.args = args
-        self.tail = (event_name_column(name).replace("%", "%%") + body)
-        self.prefix = prefix.replace("%", "%%")
-        self.bulk = True
-
-    def line_fmt(self, cpu: int, text_time: bool) -> bytes:
-        """The line as a bytes %-format: head, time (text, or seconds and microseconds),
-        then the event's own arguments."""
-        key = -1 if text_time else cpu
-        f = self.fmts.get(key)
-        if f is None:
-            if text_time:     # "[CPU] SECS.USECS" is one text column
-                f = "%s%%s %%s: %s" % (self.prefix, self.tail)
-            else:
-                f = "%s%%s [%03d] %%5d.%%06d: %s" % (self.prefix, cpu, self.tail)
-            f = self.fmts[key] = f.encode("utf-8", "surrogateescape")
-        return f
-
-    def line_fmt_str(self, cpu: int) -> str:
-        return "%s%%s [%03d] %%5d.%%06d: %s" % (self.prefix, cpu, self.tail)
-
-
-_PYSPEC = re.compile(r"%(\([^)]*\))?([-#0 +]*)(\*|\d+)?(?:\.(\*|\d*))?([a-zA-Z%])")
-
-
-def _conversions(fmt: str) -> Optional[List[Optional[str]]]:
-    """Per argument of a Python %-format: "s" (a %s), "s!" (a padded or cut %s) or None
-    (a number); None for the whole format if it uses anything else."""
-    out: List[Optional[str]] = []
-    for m in _PYSPEC.finditer(fmt):
-        key, flags, width, prec, conv = m.groups()
-        if conv == "%":
-            if key or flags or width or prec is not None:
-                return None
-            continue
-        if key or conv not in "sdiouxXc":
-            return None
-        if width == "*":
-            out.append(None)
-        if prec == "*":
-            out.append(None)
-        if conv in "sc":
-            out.append("s!" if (width or prec is not None) else "s")
-        else:
-            out.append(None)
-    return out
-
-
-# --------------------------------------------------------------------------- merge
-
-
-class _Seg:
-    """Pending items of one batch: keys (running max of ts), codes (event i, or ~marker)."""
-
-    __slots__ = ("batch", "cpu", "keys", "codes", "markers", "pids", "lo", "raw", "_wins")
-
-    def __init__(self, batch: Any, cpu: int, keys: np.ndarray, codes: np.ndarray,
-                 markers: list, pids: np.ndarray):
-        self.batch, self.cpu, self.keys, self.codes = batch, cpu, keys, codes
-        self.markers, self.pids, self.lo = markers, pids, 0
-        self.raw = np.frombuffer(batch.data, np.uint8)
-        self._wins: Dict[int, np.ndarray] = {}
-
-    def window(self, span: int) -> np.ndarray:
-        """Rows of ``span`` bytes starting at any offset (a view, no copy)."""
-        w = self._wins.get(span)
-        if w is None:
-            raw = self.raw
-            if raw.shape[0] < span:
-                raw = np.zeros(span, np.uint8)
-            w = self._wins[span] = np.lib.stride_tricks.as_strided(
-                raw, (raw.shape[0] - span + 1, span), (1, 1), writeable=False)
-        return w
-
-
-class _Stream:
-    def __init__(self, cpu: int, batches: Iterator[Any], owner: "FastReport"):
-        self.cpu = cpu
-        self.it = batches
-        self.owner = owner
-        self.done = False
-        self.segs: List[_Seg] = []
-        self.carry = 0
-
-    def pending(self) -> int:
-        return sum(s.keys.shape[0] - s.lo for s in self.segs)
-
-    def last(self) -> int:
-        s = self.segs[-1]
-        return int(s.keys[-1])
-
-    def load(self) -> None:
-        while True:
-            b = next(self.it, None)
-            if b is None:
-                self.done = True
-                return
-            seg = self.owner._segment(b, self.cpu, self)
-            if seg is not None:
-                self.segs.append(seg)
-                return
 
 
 class FastReport:
@@ -661,103 +61,13 @@ class FastReport:
         self.comms = self.r.comms
         self.types: Dict[int, _Type] = {}
         self.heads: Dict[Tuple[int, str], str] = {}
-        self.pid_off, self.pid_size = _pid_field(trace.catalog)
+        self.merge = Merge(trace, buffer, cpus)
         self.after_drop: set = set()
-        self.cpus = cpus
         self.counts = {"bulk": 0, "per_event": 0}   # lines each way (tests, tuning)
-
-    # -- items of one batch -------------------------------------------------------
-    def _segment(self, b: Any, cpu: int, st: _Stream) -> Optional[_Seg]:
-        n = len(b)
-        lost = sorted(b.lost)
-        ts = b.ts
-        if not lost:
-            keys = ts
-            codes = np.arange(n, dtype=np.int64)
-            markers: list = []
-        else:
-            markers = [(m.count,) for m in lost]
-            idx = np.array([m.index for m in lost], np.int64)
-            inside = idx < n
-            at = np.minimum(idx, n)
-            codes = np.insert(np.arange(n, dtype=np.int64), at, ~np.arange(len(lost), dtype=np.int64))
-            mkeys = np.empty(len(lost), np.uint64)
-            if inside.any():
-                mkeys[inside] = ts[idx[inside]]
-            off = self.trace.ts_offset
-            for k in np.flatnonzero(~inside).tolist():
-                mkeys[k] = (lost[k].ts + off) % (1 << 64)
-            keys = np.insert(ts, at, mkeys)
-        if keys.shape[0] == 0:
-            return None
-        keys = np.maximum.accumulate(keys)
-        if st.carry:
-            keys = np.maximum(keys, _U64(st.carry))
-        st.carry = int(keys[-1])
-        return _Seg(b, cpu, keys, codes, markers, self._pids(b))
-
-    def _pids(self, b: Any) -> np.ndarray:
-        n = len(b)
-        if n == 0:
-            return np.zeros(0, np.int64)
-        off, size = self.pid_off, self.pid_size
-        raw = np.frombuffer(b.data, np.uint8)
-        ok = b.length >= off + size
-        win = np.lib.stride_tricks.sliding_window_view(raw, size)
-        vals = np.ascontiguousarray(win[np.where(ok, b.offset + off, 0)]).view("<i%d" % size)
-        return np.where(ok, vals.reshape(-1).astype(np.int64), -1)
-
-    # -- the merge ----------------------------------------------------------------
-    def _windows(self) -> Iterator[Tuple[List[_Seg], np.ndarray, np.ndarray]]:
-        """(segments, segment index per item, code per item) in merged order."""
-        cpus = sorted(c.cpu for c in self.buffer.cpus
-                      if self.cpus is None or c.cpu in self.cpus)
-        streams = [_Stream(c, self.trace.batches(c, self.buffer.name), self) for c in cpus]
-        while True:
-            for s in streams:
-                while not s.done and not s.segs:
-                    s.load()
-            live = [s for s in streams if not s.done]
-            # Everything below the smallest last pending key is final. An item at that
-            # key is final too unless a CPU with a lower number can still bring one at
-            # the same key (only CPUs whose last pending key is that key can).
-            limit = min(s.last() for s in live) if live else None
-            tie_cpu = min(s.cpu for s in live if s.last() == limit) if live else None
-            pieces = []
-            for s in streams:
-                while s.segs:
-                    seg = s.segs[0]
-                    if limit is None:
-                        end = seg.keys.shape[0]
-                    else:
-                        end = int(np.searchsorted(seg.keys, _U64(limit),
-                                                  side="right" if s.cpu <= tie_cpu else "left"))
-                    if end > seg.lo:
-                        pieces.append((seg, seg.lo, end))
-                        seg.lo = end
-                    if seg.lo >= seg.keys.shape[0]:
-                        s.segs.pop(0)
-                        continue
-                    break
-            if pieces:
-                segs = []
-                seg_ix = []
-                keys = []
-                codes = []
-                for k, (seg, lo, hi) in enumerate(pieces):
-                    segs.append(seg)
-                    seg_ix.append(np.full(hi - lo, k, np.int32))
-                    keys.append(seg.keys[lo:hi])
-                    codes.append(seg.codes[lo:hi])
-                keys_a = np.concatenate(keys)
-                order = np.argsort(keys_a, kind="stable")
-                yield segs, np.concatenate(seg_ix)[order], np.concatenate(codes)[order]
-            if not live:
-                return
 
     # -- rendering ------------------------------------------------------------------
     def blocks(self) -> Iterator[bytes]:
-        for segs, seg_ix, codes in self._windows():
+        for segs, seg_ix, codes in self.merge.windows():
             for a in range(0, seg_ix.shape[0], SUB_CHUNK):
                 yield self._render(segs, seg_ix[a:a + SUB_CHUNK], codes[a:a + SUB_CHUNK])
 
@@ -1091,18 +401,16 @@ class _Times:
         return self.secs[P].tolist(), self.usecs[P].tolist()
 
 
-def _concat_groups(groups: List[_Group]) -> _Group:
-    """One group of the rows of several (same event type, other chunks)."""
-    g = _Group.__new__(_Group)
-    g.n = sum(x.n for x in groups)
-    g.bad = np.zeros(g.n, bool)
-    g.cols = {}
-    for name, c in groups[0].cols.items():
-        parts = [x.cols[name][1] for x in groups]
-        if c[0] == "str" and any(p.dtype == object for p in parts):
-            parts = [p.astype(object) for p in parts]
-        g.cols[name] = (c[0], np.concatenate(parts))
-    return g
+def _objects(vals: list) -> np.ndarray:
+    """A 1-D object array of ``vals`` (np.array would nest tuples and lists)."""
+    if not vals or isinstance(vals[0], (str, bytes, int)):
+        a = np.array(vals, dtype=object)
+        if a.ndim == 1 and a.shape[0] == len(vals):
+            return a
+    out = np.empty(len(vals), dtype=object)
+    for i, v in enumerate(vals):
+        out[i] = v
+    return out
 
 
 def _unique_small(v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -1118,15 +426,6 @@ def _unique_small(v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
             return u + lo, lut[x]
     u, inv = np.unique(v, return_inverse=True)
     return u, inv.reshape(-1)
-
-
-def _pid_field(catalog: Any) -> Tuple[int, int]:
-    for ev_id in catalog.ids():
-        fmt = catalog.get(ev_id)
-        f = fmt.field("common_pid") if fmt else None
-        if f is not None and f.size in (1, 2, 4, 8):
-            return f.offset, f.size
-    return 4, 4
 
 
 def supported(trace: Any) -> bool:
