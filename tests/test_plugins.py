@@ -21,7 +21,7 @@ import pytest
 from vmtrace import api
 from vmtrace.commands.report import text_blocks
 from vmtrace.format import plugins
-from vmtrace.format.events import EventCatalog, parse_format
+from vmtrace.format.events import EventCatalog
 from vmtrace.format.fastrender import FastReport
 from vmtrace.format.metadata import TraceMetadata
 from vmtrace.format.render import TextRenderer
