@@ -26,6 +26,7 @@ from vmtrace.format.fastrender import FastReport
 from vmtrace.format.metadata import TraceMetadata
 from vmtrace.format.render import TextRenderer
 from vmtrace.format.ringbuffer import EventBatch
+from test_report_fast import FakeTrace
 
 pytestmark = pytest.mark.tracefs
 
@@ -103,36 +104,34 @@ def _payload(fmt, rnd: random.Random) -> bytes:
     return p + b"\0" * (-len(p) % 4)
 
 
-class PluginTrace(api.Trace):
-    """An api.Trace over constructed events of the given formats, on two CPUs."""
+def _batches(catalog: EventCatalog, per_type: int, seed: int) -> dict:
+    """``per_type`` events of each format on each of two CPUs, in a random order."""
+    rnd = random.Random(seed)
+    fmts = [catalog.get(i) for i in catalog.ids()]
+    out = {}
+    for cpu in range(2):
+        payloads = [_payload(fmt, rnd) for fmt in fmts for _ in range(per_type)]
+        rnd.shuffle(payloads)
+        offs = np.cumsum([0] + [len(p) for p in payloads[:-1]]).astype(np.int64)
+        ts = np.arange(len(payloads), dtype=np.uint64) * np.uint64(1000) + np.uint64(cpu * 7)
+        tid = np.array([int.from_bytes(p[:2], "little") for p in payloads], np.uint16)
+        out[cpu] = [EventBatch(cpu=cpu, ts=ts, offset=offs, type_id=tid,
+                               length=np.array([len(p) for p in payloads], np.int32),
+                               data=b"".join(payloads))]
+    return out
+
+
+class PluginTrace(FakeTrace):
+    """test_report_fast's in-memory trace, over constructed events of ``texts``, with a
+    symbol table so plugins that symbolise have something to find."""
 
     def __init__(self, texts: dict, per_type: int = 60, seed: int = 0):
-        self.catalog = EventCatalog.from_texts([], [(s, t) for (s, _), t in texts.items()])
-        rnd = random.Random(seed)
-        fmts = [self.catalog.get(i) for i in self.catalog.ids()]
-        self._made = {}
-        for cpu in range(2):
-            payloads = [_payload(fmt, rnd) for fmt in fmts for _ in range(per_type)]
-            rnd.shuffle(payloads)
-            offs = np.cumsum([0] + [len(p) for p in payloads[:-1]]).astype(np.int64)
-            ts = np.arange(len(payloads), dtype=np.uint64) * np.uint64(1000) + np.uint64(cpu * 7)
-            tid = np.array([int.from_bytes(p[:2], "little") for p in payloads], np.uint16)
-            self._made[cpu] = [EventBatch(cpu=cpu, ts=ts, offset=offs, type_id=tid,
-                                          length=np.array([len(p) for p in payloads], np.int32),
-                                          data=b"".join(payloads))]
-        cpus = [NS(cpu=c, size=1) for c in sorted(self._made)]
-        self.source = NS(buffers=[NS(name="", cpus=cpus)], nr_cpus=len(cpus), long_size=8,
-                         endian="<", kallsyms=KALLSYMS, options={})
-        self.keep_going = False
-        self.name = "plugins"
+        catalog = EventCatalog.from_texts([], [(s, t) for (s, _), t in texts.items()])
+        super().__init__(_batches(catalog, per_type, seed), name="")
+        self.catalog = catalog
+        self._common = api._common_layout(catalog, "<")
+        self.source.kallsyms = KALLSYMS
         self.metadata = TraceMetadata(cmdlines=b"7 known\n", kallsyms=KALLSYMS)
-        self.ts_offset = 0
-        self._endian = "<"
-        self._common = api._common_layout(self.catalog, "<")
-        self.problems = []
-
-    def batches(self, cpu, buffer=None):
-        yield from self._made[cpu]
 
 
 def _both(texts: dict, seed: int = 0) -> tuple[bytes, bytes, dict]:
