@@ -175,6 +175,13 @@ class _Number(ValueError):
     pass
 
 
+# Any text that could hold a number outside int64..u64 or a non-finite float: 19 digits
+# in a row (-9999999999999999999 is below int64), a three-digit exponent. JSON with
+# none of them (almost all of it) is parsed at C speed; the rest through the exact
+# Python hooks below, which cost ~6x as much (130 ms for a MiB of small integers).
+_SUSPECT = re.compile(r"[0-9]{19}|[eE][+-]?[0-9]{3}")
+
+
 def _parse_int(text: str) -> int:
     # 21 characters hold every 64-bit value; checking the length first keeps a
     # 4000-digit literal from costing a quadratic conversion before it is refused.
@@ -204,7 +211,11 @@ def loads(data: Union[bytes, str], what: str = "message JSON", offset: Optional[
     that breaks int64 arithmetic later.
     """
     try:
-        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
+        raw = bytes(data) if isinstance(data, (bytearray, memoryview)) else data
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        if _SUSPECT.search(text) is None:
+            # no token that could be out of range: json's C number parsing is exact
+            return json.loads(text, parse_constant=_parse_constant)
         return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
     except _Number as exc:
         raise ProtocolError("%s has a number outside 64 bits or not finite (%s...)" % (what, exc),
@@ -262,23 +273,28 @@ class Decoder:
     ``feed`` is reported once (``errors`` counts them all): a peer sending a megabyte of
     bad headers must not make the receiver build a hundred thousand exceptions.
 
-    Memory is bounded by HEADER_SIZE + MAX_JSON + the largest blob kept + one ``feed``:
-    a frame's JSON is parsed as soon as it is complete, and a blob longer than
-    ``max_blob``, or one that ``keep_blob`` refuses, is skipped as it streams past (the
-    message is still delivered, ``blob_dropped`` saying how many bytes were skipped).
-    Work is linear in the bytes fed, whatever they are.
+    Memory is bounded by HEADER_SIZE + ``max_json`` + the largest blob kept + one
+    ``feed``: a frame's JSON is parsed as soon as it is complete, a frame whose JSON is
+    over ``max_json`` is skipped unparsed, and a blob longer than ``max_blob``, or one
+    that ``keep_blob`` refuses, is skipped as it streams past (the message is still
+    delivered, ``blob_dropped`` saying how many bytes were skipped). Work is linear in
+    the bytes fed, whatever they are; one frame's parse is the largest single step.
 
     The agent uses ``allow_orders=True`` (the control port carries both forms); the host
     uses ``allow_orders=False`` (the agent only ever sends frames).
     """
 
     def __init__(self, allow_orders: bool = True, source: str = "control stream",
-                 max_blob: int = MAX_BLOB, keep_blob: Optional[KeepBlob] = None):
+                 max_blob: int = MAX_BLOB, keep_blob: Optional[KeepBlob] = None, max_json: int = MAX_JSON):
         self.allow_orders = allow_orders
         self.source = source
+        self.max_json = min(max_json, MAX_JSON)
         self.max_blob = min(max_blob, MAX_BLOB)
         self.keep_blob = keep_blob
         self.errors = 0  # every malformed item, also those folded into one report
+        # malformed frames by the type byte of their (well-formed) header: a receiver
+        # waiting for a reply of that type knows it will not come
+        self.bad_frames: Dict[int, int] = {}
         self._buf = bytearray()
         self._pos = 0  # stream offset of _buf[0]
         self._cur: Optional[_Frame] = None
@@ -363,21 +379,28 @@ class Decoder:
             if version != VERSION:
                 return self._err("unsupported protocol version %d (this side speaks %d)" % (version, VERSION), start)
             return self._err("frame too large (json %d, blob %d bytes)" % (jlen, blen), start)
-        if len(buf) < HEADER_SIZE + jlen:
-            return None
-        body = bytes(buf[HEADER_SIZE: HEADER_SIZE + jlen])
-        self._drop(HEADER_SIZE + jlen)
         fields: Union[Dict[str, Any], _Bad]
-        try:
-            fields = _parse_fields(body, start + HEADER_SIZE)
-        except ProtocolError as exc:
-            fields = self._err(exc.what, start)
-        if mtype not in NAMES and not isinstance(fields, _Bad):
-            fields = self._err("unknown message type %d" % mtype, start)
-        keep = False
-        if blen and isinstance(fields, dict) and blen <= self.max_blob:
-            keep = self.keep_blob is None or bool(self.keep_blob(mtype, fields, blen))
-        self._cur = _Frame(mtype, fields, blen, keep, HEADER_SIZE + jlen + blen)
+        if jlen > self.max_json:
+            # A frame this side never takes: skipped whole, as it streams past, unparsed.
+            self._drop(HEADER_SIZE)
+            fields = self._err("message JSON of %d bytes is over this side's %d-byte limit" % (jlen, self.max_json),
+                               start)
+            self._cur = _Frame(mtype, fields, jlen + blen, False, HEADER_SIZE + jlen + blen)
+        else:
+            if len(buf) < HEADER_SIZE + jlen:
+                return None
+            body = bytes(buf[HEADER_SIZE: HEADER_SIZE + jlen])
+            self._drop(HEADER_SIZE + jlen)
+            try:
+                fields = _parse_fields(body, start + HEADER_SIZE)
+            except ProtocolError as exc:
+                fields = self._err(exc.what, start)
+            if mtype not in NAMES and not isinstance(fields, _Bad):
+                fields = self._err("unknown message type %d" % mtype, start)
+            keep = False
+            if blen and isinstance(fields, dict) and blen <= self.max_blob:
+                keep = self.keep_blob is None or bool(self.keep_blob(mtype, fields, blen))
+            self._cur = _Frame(mtype, fields, blen, keep, HEADER_SIZE + jlen + blen)
         # what is already buffered after the JSON is the blob's beginning
         with memoryview(buf) as mv:
             taken = len(mv) - len(self._into_blob(mv))
@@ -402,6 +425,7 @@ class Decoder:
         assert cur is not None and cur.left == 0
         self._cur = None
         if isinstance(cur.fields, _Bad):
+            self.bad_frames[cur.type] = self.bad_frames.get(cur.type, 0) + 1
             return cur.fields
         kept = cur.blob if cur.blob is not None else b""
         return Message(cur.type, cur.fields, kept, size=cur.size, blob_dropped=cur.blen - len(kept))
