@@ -38,6 +38,10 @@ MAX_JUNK_BYTES = 64 << 20  # unsolicited, malformed or refused bytes before the 
 MAX_JUNK_ITEMS = 4096      # ...or that many malformed frames and unsolicited messages (a real agent sends none)
 MAX_QUEUED = 256 << 10     # requests queued for a guest that does not read its port (a request is < 200 bytes)
 MAX_ERRORS_KEPT = 8        # texts of malformed frames kept for the guest's problems
+# The largest reply JSON taken: a metadata index of MAX_METADATA_FILES names is ~400 KB,
+# a stats reply for 1024 CPUs ~250 KB. Half the protocol's limit halves the worst
+# single parse a guest can make the loop do (~40 ms here for 512 KiB of integers).
+MAX_REPLY_JSON = 512 << 10
 
 
 class AgentLink:
@@ -48,7 +52,8 @@ class AgentLink:
         self.rfd = rfd
         self.wfd = wfd
         self.kind = kind  # "fifo" or "socket"
-        self.decoder = protocol.Decoder(allow_orders=False, source="%s control" % name, keep_blob=self._keep_blob)
+        self.decoder = protocol.Decoder(allow_orders=False, source="%s control" % name, keep_blob=self._keep_blob,
+                                        max_json=MAX_REPLY_JSON)
         # id -> blob bytes its reply may carry, oldest first
         self.outstanding: "OrderedDict[int, int]" = OrderedDict()
         self.forgotten: "OrderedDict[int, None]" = OrderedDict()  # given up on: one late reply each is fine
@@ -61,6 +66,7 @@ class AgentLink:
         self.late = 0          # replies to requests given up on
         self.not_sent = 0      # requests dropped because the guest did not read its port
         self.errors: List[str] = []
+        self.last_error = ""   # the latest malformed frame's text (errors keeps the first ones)
         self.eof = False
         self._seq = 0
         self._queue = bytearray()
@@ -215,8 +221,10 @@ class AgentLink:
             for item in self.decoder.feed(data):
                 if isinstance(item, protocol.Message):
                     self._file(item, now_ns)
-                elif isinstance(item, protocol.ProtocolError) and len(self.errors) < MAX_ERRORS_KEPT:
-                    self.errors.append(str(item))
+                elif isinstance(item, protocol.ProtocolError):
+                    self.last_error = str(item)
+                    if len(self.errors) < MAX_ERRORS_KEPT:
+                        self.errors.append(self.last_error)
             if time.monotonic() >= t_end:
                 break
         return True
@@ -319,6 +327,18 @@ class AgentLink:
         return req.reply
 
 
+# The message types a request's reply can have. A malformed frame of one of these types
+# arriving while the request waits is taken as its (unusable) reply: a real agent never
+# sends one, so waiting on for the ceiling would only let a hostile guest hold its
+# setup, and with it the start of everyone's --duration, for minutes.
+REPLY_TYPES = {
+    "hello": (protocol.HELLO, protocol.ERROR), "configure": (protocol.OK, protocol.ERROR),
+    "metadata": (protocol.METADATA, protocol.ERROR), "start": (protocol.OK, protocol.ERROR),
+    "stop": (protocol.OK, protocol.ERROR), "stats": (protocol.STATS, protocol.ERROR),
+    "time_probe": (protocol.TIME_PROBE, protocol.ERROR), "bye": (protocol.BYE, protocol.ERROR),
+}
+
+
 class Request:
     """One request from sending until its reply comes or its time runs out.
 
@@ -344,7 +364,14 @@ class Request:
         self.reply: Optional[protocol.Message] = None
         self.arrived_ns = 0
         self.done = False
+        self.malformed = False  # ended by a malformed frame of a reply's type
+        self._types = REPLY_TYPES.get(name, ())
+        self._bad0 = self._bad_count()
         self._send()
+
+    def _bad_count(self) -> int:
+        bad = self.link.decoder.bad_frames
+        return sum(bad.get(t, 0) for t in self._types)
 
     def _send(self) -> None:
         rid = self.link.send(self.name, blob_cap=self.blob_cap, **self.fields)
@@ -367,6 +394,9 @@ class Request:
                 self.arrived_ns = link.arrived_ns.get(rid, 0)
                 self.reply = link.take(rid)
                 return self._finish()
+        if self._bad_count() != self._bad0:
+            self.malformed = True
+            return self._finish()
         now = time.monotonic()
         if now >= self.deadline or link.eof or link.rfd is None:
             return self._finish()

@@ -352,6 +352,8 @@ class Session:
         req = Request(g.link, name, timeout, every=every, blob_cap=blob_cap, **fields)
         while not req.poll():
             yield
+        if req.malformed:
+            raise VmtraceError("%s: the agent's %s reply is malformed: %s" % (g.name, name, g.link.last_error))
         g.arrived_ns = req.arrived_ns or time.monotonic_ns()
         return req.reply
 
@@ -372,7 +374,7 @@ class Session:
 
     def _fail(self, g: Guest, why: str) -> None:
         """A guest's task failed: before its start that is an error of the session."""
-        g.problem(why)
+        g.problem(why[len(g.name) + 2:] if why.startswith(g.name + ": ") else why)
         if not g.started:
             g.state = "failed"
             self.errors.append(why)
@@ -383,11 +385,10 @@ class Session:
         if g.task is not None:
             g.task.close()
             g.task = None
-        text_ = "%s: %s; this guest's recording was ended" % (g.name, why)
         if not g.started:
-            self._fail(g, text_)
+            self._fail(g, "%s: %s; this guest was not recorded" % (g.name, why))
             return
-        g.problem(text_)
+        g.problem("%s; this guest's recording was ended" % why)
         g.state = "cut off"
         self._detach(g)
 
