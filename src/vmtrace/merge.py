@@ -33,7 +33,7 @@ from vmtrace.host.guestdata import MAX_CPUS, NS_MAX, clock_name, is_int, short
 HOST = "host"
 # Clocks that user space reads exactly (the agent's guest_ns is then the trace clock).
 EXACT_CLOCKS = {"mono", "mono_raw", "boot", "tai"}
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _MARK = re.compile(r"vmtrace-(probe|order)\b(.*)")
 _KV = re.compile(r"(\w+)=(\S+)")
 BATCH = 4096

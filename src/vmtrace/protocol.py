@@ -79,10 +79,10 @@ NAMES = {
 TYPES = {v: k for k, v in NAMES.items()}
 
 # Relative metadata names a guest may send (docs/internals.md); anything else is refused
-# before a host writes it to disk.
+# before a host writes it to disk. \Z, not $: "$" also matches before a final newline.
 METADATA_NAME = re.compile(
     r"^(header_page|header_event|saved_cmdlines|printk_formats|kallsyms(\.gz)?|meta\.json"
-    r"|events/[A-Za-z0-9_]+/[A-Za-z0-9_.-]+/format)$"
+    r"|events/[A-Za-z0-9_]+/[A-Za-z0-9_.-]+/format)\Z"
 )
 
 

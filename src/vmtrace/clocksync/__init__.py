@@ -34,7 +34,7 @@ __all__ = ["ClockMap", "IdentityMap", "PiecewiseOffsetMap", "SyncReport", "Vmtra
 
 # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses, and
 # a marker's text is written by the guest.
-_SEQ = re.compile(r"^-?[0-9]{1,18}$")
+_SEQ = re.compile(r"^-?[0-9]{1,18}\Z")
 
 
 def marker_seq(kv: Mapping[str, str]) -> Optional[int]:

@@ -31,8 +31,8 @@ from vmtrace.errors import VmtraceError
 KVM_DEBUGFS = "/sys/kernel/debug/kvm"
 INTEL_FRAC_BITS = 48
 AMD_FRAC_BITS = 32
-_VM_DIR = re.compile(r"^(\d+)-(\d+)$")
-_VCPU_KEY = re.compile(r"^[0-9]{1,5}$")
+_VM_DIR = re.compile(r"^(\d+)-(\d+)\Z")
+_VCPU_KEY = re.compile(r"^[0-9]{1,5}\Z")
 _U64 = 1 << 64
 
 

@@ -40,7 +40,7 @@ __all__ = ["write_tracedat", "WRITER_VERSION"]
 WRITER_VERSION = "vmtrace 0.1.0"
 
 OptionValue = Union[str, bytes, int, Sequence[str]]
-_EVENT_RE = re.compile(r"^events/([A-Za-z0-9_]+)/([A-Za-z0-9_.-]+)/format$")
+_EVENT_RE = re.compile(r"^events/([A-Za-z0-9_]+)/([A-Za-z0-9_.-]+)/format\Z")
 _KNOWN_OPTIONS = {"clock", "trace_clock", "uname", "hostname", "kernel", "machine", "version",
                   "cpucount", "cpustat", "date", "offset", "hook", "traceid"}
 
@@ -187,9 +187,9 @@ def _copy_compressed(o: _Out, codec: Codec, path: str, size: int, chunk_size: in
 # writes a 16-byte table entry per CPU up front.
 MAX_CPUCOUNT = 65536
 # meta.json may come from a guest: only names, tokens and numbers are taken from it.
-_CLOCK_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")
-_STAT_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+_CLOCK_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}\Z")
+_STAT_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}\Z")
 
 
 def _meta_token(m: Mapping, key: str, pattern: re.Pattern) -> Optional[str]:

@@ -33,11 +33,11 @@ MAX_TEXT = 200
 MAX_STAT_KEYS = 32
 
 # trace clocks: local, global, counter, uptime, perf, mono, mono_raw, boot, tai, x86-tsc
-_CLOCK = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_CLOCK = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
 # one word of a uname line (kernel release, machine, version): no spaces, no controls
-_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
-_CPU_KEY = re.compile(r"^(0|[1-9][0-9]{0,5})$")
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}\Z")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}\Z")
+_CPU_KEY = re.compile(r"^(0|[1-9][0-9]{0,5})\Z")
 
 
 def is_int(value: Any, lo: int, hi: int) -> bool:

@@ -37,8 +37,8 @@ TRANSPORTS = ("fifo", "socket")
 QEMU_GROUPS = ("qemu", "libvirt-qemu", "kvm")
 MAX_CPUS = 1024
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_CPU_FILE = re.compile(r"^trace-path-cpu(\d+)(\.in|\.out)?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_CPU_FILE = re.compile(r"^trace-path-cpu(\d+)(\.in|\.out)?\Z")
 
 
 def check_guest_name(name: str) -> str:

@@ -27,7 +27,7 @@ MAX_METADATA_FILES = 8192
 # on arrival, by streaming through it, before the guest's recording even starts.
 MAX_KALLSYMS = 64 << 20
 _FIELD = re.compile(rb"field:\s*[^;]*?\b(\w+);\s*offset:\s*(\d+);\s*size:\s*(\d+);")
-_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 
 
 def check_metadata(guest: str, files: Mapping[str, bytes], cap: int) -> Tuple[Dict[str, bytes], Dict[str, Any]]:
