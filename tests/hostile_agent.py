@@ -157,8 +157,8 @@ class Agent:
             files["meta.json"] = json.dumps(meta).encode()
         elif self.mode == "kallsyms-bomb":
             files["kallsyms.gz"] = gzip_bomb(256 * MIB)
-        elif self.mode == "meta-oversize":
-            files["saved_cmdlines"] = b"1 x\n" * (9 * MIB // 4)
+        elif self.mode == "meta-oversize":   # 9 MiB, or meta-oversize:MIB
+            files["saved_cmdlines"] = b"1 x\n" * (int(self.variant or 9) * MIB // 4)
         elif self.mode == "meta-files":
             files.update({"events/bomb/e%d/format" % i: b"x" for i in range(9000)})
         elif self.mode == "meta-badname":

@@ -353,7 +353,8 @@ class Session:
         while not req.poll():
             yield
         if req.malformed:
-            raise VmtraceError("%s: the agent's %s reply is malformed: %s" % (g.name, name, g.link.last_error))
+            raise VmtraceError("%s: a malformed frame came where the %s reply was awaited: %s"
+                               % (g.name, name, g.link.last_error))
         g.arrived_ns = req.arrived_ns or time.monotonic_ns()
         return req.reply
 
@@ -658,8 +659,13 @@ class Session:
             rep = yield from self._ask(g, "stop", ORDER_TIMEOUT_S, seq=seq)
             g.orders.append(["stop", t0, g.arrived_ns if rep is not None else None, seq])
             if rep is None:
+                # A guest silent for the stop's whole ceiling will not answer saved_cmdlines
+                # or bye either: asking would only add their ceilings to the end.
                 g.problem("no acknowledgement of the stop order")
-            elif "stats" in rep.fields:
+                self.stopped_ns = max(self.stopped_ns, time.monotonic_ns())
+                g.state = "stopped"
+                return
+            if "stats" in rep.fields:
                 self._take_stats(g, rep.fields["stats"])
         else:
             ok = yield from self._plain_order(g, False)
