@@ -7,7 +7,6 @@ garbage and oversized headers, cut into feeds at random places.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

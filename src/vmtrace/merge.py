@@ -18,7 +18,6 @@ guest recorded without a trace.dat (``"file": null``) is skipped, not fatal.
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import re
 from dataclasses import dataclass, field

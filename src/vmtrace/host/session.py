@@ -381,11 +381,16 @@ class Session:
             self.errors.append(why)
         self._detach(g)
 
-    def _cut_off(self, g: Guest, why: str) -> None:
-        """A guest went over a bound: end its recording, keep what it recorded."""
+    @staticmethod
+    def _end_task(g: Guest) -> None:
+        """Drop what the guest's task was waiting for (its generator is closed)."""
         if g.task is not None:
             g.task.close()
             g.task = None
+
+    def _cut_off(self, g: Guest, why: str) -> None:
+        """A guest went over a bound: end its recording, keep what it recorded."""
+        self._end_task(g)
         if not g.started:
             self._fail(g, "%s: %s; this guest was not recorded" % (g.name, why))
             return
@@ -394,9 +399,7 @@ class Session:
         self._detach(g)
 
     def _abandon(self, g: Guest, why: str) -> None:
-        if g.task is not None:
-            g.task.close()
-            g.task = None
+        self._end_task(g)
         if not g.started:
             g.state = "failed"
             g.problem(why)
@@ -711,9 +714,7 @@ class Session:
             g.metadata["saved_cmdlines"] = merge_cmdlines(g.metadata.get("saved_cmdlines", b""), end)
 
     def _close(self, g: Guest) -> None:
-        if g.task is not None:
-            g.task.close()
-            g.task = None
+        self._end_task(g)
         for s in g.listeners.values():
             s.close()
         g.listeners.clear()
