@@ -363,7 +363,12 @@ def test_cli_ctrl_c_writes_host_dat(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "vmtrace", "record", "--host-events", "sched:sched_switch",
                           "-o", str(out), "--quiet", "--no-kallsyms"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
+    # Ctrl-C before a source has started ends the command with an error (nothing to
+    # write), so wait for the host agent's metadata, written just before its start.
+    deadline = time.monotonic() + 60
+    while not (out / "host.raw" / "metadata" / "meta.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr

@@ -8,11 +8,16 @@ host-clock order, each tagged with its source.
 
 Each trace is already in time order, and clock maps are monotonic, so the merge is a
 k-way heap merge of streams (memory stays flat however long the recording).
+
+session.json is read as untrusted input (anyone can hand a directory to ``vmtrace
+check``, and the recorder wrote guest-derived values into it): numbers must fit int64,
+probes and orders must have their documented shapes, file names must stay inside the
+directory, and anything else is one VmtraceError naming the guest and the field. A
+guest recorded without a trace.dat (``"file": null``) is skipped, not fatal.
 """
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,16 +25,19 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Op
 
 import numpy as np
 
-from vmtrace.clocksync import ClockMap, IdentityMap, SyncReport
+from vmtrace.clocksync import ClockMap, IdentityMap, SyncReport, marker_seq
 from vmtrace.errors import VmtraceError
+from vmtrace.host.guestdata import MAX_CPUS, NS_MAX, clock_name, is_int, short
 
 HOST = "host"
 # Clocks that user space reads exactly (the agent's guest_ns is then the trace clock).
 EXACT_CLOCKS = {"mono", "mono_raw", "boot", "tai"}
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _MARK = re.compile(r"vmtrace-(probe|order)\b(.*)")
 _KV = re.compile(r"(\w+)=(\S+)")
 BATCH = 4096
+# session.json holds at most 65536 probes (~70 bytes each) per guest (host/session.py)
+MAX_SESSION_JSON = 128 << 20
 
 Reader = Callable[[str], Iterable[Any]]
 
@@ -81,42 +89,38 @@ class Session:
         meta_path = os.path.join(self.dir, "session.json")
         if not os.path.isdir(self.dir):
             raise VmtraceError("%s: not a directory" % self.dir)
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except FileNotFoundError:
-            raise VmtraceError("%s: no session.json (not a vmtrace session directory)" % self.dir)
-        except (OSError, ValueError) as exc:
-            raise VmtraceError("%s: unreadable: %s" % (meta_path, exc))
-        if not isinstance(meta, dict) or meta.get("layout") != "vmtrace-session":
-            raise VmtraceError("%s: not a vmtrace-session layout" % meta_path)
+        meta = _load_session_json(meta_path)
         self.meta = meta
         self.sources: Dict[str, Source] = {}
+        self.skipped: Dict[str, str] = {}   # guests recorded without a trace.dat: why
         host = meta.get("host")
         if isinstance(host, dict) and host.get("file"):
-            self.sources[HOST] = Source(HOST, self._file(host["file"]), str(host.get("clock", "mono")), True)
+            self.sources[HOST] = Source(HOST, self._file(host["file"], HOST), "mono", True)
         guests = meta.get("guests") or {}
         if not isinstance(guests, dict):
             raise VmtraceError("%s: 'guests' must be an object" % meta_path)
         for name, g in guests.items():
             if not _NAME.match(name) or name == HOST:
-                raise VmtraceError("%s: bad guest name %r" % (meta_path, name))
+                raise VmtraceError("%s: bad guest name %s" % (meta_path, short(name)))
             if not isinstance(g, dict) or "file" not in g:
                 raise VmtraceError("%s: guest %s has no 'file'" % (meta_path, name))
-            self.sources[name] = Source(name, self._file(g["file"]), str(g.get("clock", "")),
-                                        cpus=int(g.get("cpus") or 0), probes=list(g.get("probes") or []),
-                                        orders=list(g.get("orders") or []), sync=g.get("sync"),
-                                        stats=g.get("stats") or {})
+            if g["file"] is None:
+                problems = g.get("problems")
+                why = problems[0] if isinstance(problems, list) and problems and isinstance(problems[0], str) \
+                    else "no trace.dat was written"
+                self.skipped[name] = why[:300]
+                continue
+            self.sources[name] = _guest_source(meta_path, name, g, self._file(g["file"], name))
         if not self.sources:
-            raise VmtraceError("%s: session has no host and no guests" % meta_path)
+            raise VmtraceError("%s: session has no host and no guest with a trace.dat" % meta_path)
         self._maps: Dict[str, ClockMap] = {}
         self.reports: Dict[str, SyncReport] = {}
         self._markers: Dict[str, list] = {}
 
-    def _file(self, rel: str) -> str:
-        rel = str(rel)
-        if os.path.isabs(rel) or ".." in rel.split("/"):
-            raise VmtraceError("session.json: file %r must be inside the session directory" % rel)
+    def _file(self, rel: Any, who: str) -> str:
+        if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in rel.split("/"):
+            raise VmtraceError("session.json: %s: file %s must be a name inside the session directory"
+                               % (who, short(rel)))
         return os.path.join(self.dir, rel)
 
     @property
@@ -145,7 +149,7 @@ class Session:
                 if getattr(e, "kind", "event") != "event" or event_name(e) != "print":
                     continue
                 m = _MARK.search(str(e.fields.get("buf", "")))
-                if m:
+                if m and 0 <= int(e.ts) <= NS_MAX:   # a marker off the int64 scale cannot be checked
                     out.append((int(e.ts), int(e.cpu), m.group(1), dict(_KV.findall(m.group(2)))))
             self._markers[name] = out
         return self._markers[name]
@@ -203,8 +207,9 @@ class Session:
         src = self.source(name)
         marks = {}
         for ts, _cpu, kind, kv in self.markers(name):
-            if kind == "probe" and kv.get("seq", "").lstrip("-").isdigit():
-                marks.setdefault(int(kv["seq"]), ts)
+            seq = marker_seq(kv)
+            if kind == "probe" and seq is not None:
+                marks.setdefault(seq, ts)
         if not marks:
             return []
         first = min(marks)
@@ -240,7 +245,12 @@ class Session:
 
 
 def _mapped(batch: list, name: str, cmap: ClockMap) -> Iterator[MergedEvent]:
-    raw = np.fromiter((int(e.ts) for e in batch), dtype=np.int64, count=len(batch))
+    stamps = [int(e.ts) for e in batch]
+    if min(stamps) < 0 or max(stamps) > NS_MAX:
+        bad = next(t for t in stamps if not 0 <= t <= NS_MAX)
+        raise VmtraceError("%s: event timestamp %d is beyond int64 nanoseconds; the trace cannot be "
+                           "put on the host's clock" % (name, bad))
+    raw = np.array(stamps, dtype=np.int64)
     cpus = np.fromiter((int(e.cpu) for e in batch), dtype=np.int64, count=len(batch))
     host = cmap.to_host(raw, cpus)
     for e, h, r in zip(batch, host.tolist(), raw.tolist()):
@@ -265,6 +275,60 @@ def event_name(e: Any) -> str:
         return LOST
     n = getattr(e, "name", None) or getattr(e, "event", "") or ""
     return str(n).rpartition(":")[2]
+
+
+def _load_session_json(path: str) -> Dict[str, Any]:
+    from vmtrace.protocol import ProtocolError, loads
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SESSION_JSON + 1)
+    except FileNotFoundError:
+        raise VmtraceError("%s: no session.json (not a vmtrace session directory)" % os.path.dirname(path)) from None
+    except OSError as exc:
+        raise VmtraceError("%s: unreadable: %s" % (path, exc.strerror)) from None
+    if len(raw) > MAX_SESSION_JSON:
+        raise VmtraceError("%s: larger than %d bytes; not a session.json" % (path, MAX_SESSION_JSON))
+    try:
+        meta = loads(raw, "session.json")
+    except ProtocolError as exc:
+        raise VmtraceError("%s: unreadable: %s" % (path, exc.what)) from None
+    if not isinstance(meta, dict) or meta.get("layout") != "vmtrace-session":
+        raise VmtraceError("%s: not a vmtrace-session layout" % path)
+    return meta
+
+
+def _guest_source(meta_path: str, name: str, g: Dict[str, Any], path: str) -> Source:
+    """One guest's entry of session.json, every field the merge uses checked."""
+    def bad(what: str, value: Any) -> VmtraceError:
+        return VmtraceError("%s: guest %s: %s %s" % (meta_path, name, what, short(value)))
+
+    clock = g.get("clock") or ""
+    if clock and clock_name(clock) is None:
+        raise bad("clock", clock)
+    cpus = g.get("cpus") or 0
+    if not is_int(cpus, 0, MAX_CPUS):
+        raise bad("cpus", cpus)
+    probes = g.get("probes") or []
+    if not isinstance(probes, list):
+        raise bad("probes", probes)
+    for i, p in enumerate(probes):
+        if not (isinstance(p, list) and len(p) in (3, 4) and all(is_int(v, 0, NS_MAX) for v in p[:3])
+                and (len(p) == 3 or is_int(p[3], -NS_MAX, NS_MAX)) and p[0] <= p[2]):
+            raise bad("probe %d is not [host_send_ns, guest_ns, host_recv_ns, seq] of int64 values:" % i, p)
+    orders = g.get("orders") or []
+    if not isinstance(orders, list):
+        raise bad("orders", orders)
+    for i, o in enumerate(orders):
+        if not (isinstance(o, list) and 3 <= len(o) <= 4 and isinstance(o[0], str) and len(o[0]) <= 16
+                and is_int(o[1], 0, NS_MAX) and (o[2] is None or is_int(o[2], 0, NS_MAX))
+                and (len(o) == 3 or o[3] is None or is_int(o[3], -NS_MAX, NS_MAX))):
+            raise bad("order %d is not [kind, host_send_ns, host_ack_ns, seq]:" % i, o)
+    sync = g.get("sync")
+    if sync is not None and not isinstance(sync, dict):
+        raise bad("sync", sync)
+    stats = g.get("stats") if isinstance(g.get("stats"), dict) else {}
+    return Source(name, path, clock, cpus=cpus, probes=list(probes), orders=list(orders), sync=sync, stats=stats)
 
 
 def open_session(directory: str, reader: Optional[Reader] = None) -> Session:

@@ -22,14 +22,25 @@ differences from it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from vmtrace.errors import VmtraceError
 
-__all__ = ["ClockMap", "IdentityMap", "PiecewiseOffsetMap", "SyncReport", "VmtraceError"]
+__all__ = ["ClockMap", "IdentityMap", "PiecewiseOffsetMap", "SyncReport", "VmtraceError", "marker_seq"]
+
+# ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses, and
+# a marker's text is written by the guest.
+_SEQ = re.compile(r"^-?[0-9]{1,18}\Z")
+
+
+def marker_seq(kv: Mapping[str, str]) -> Optional[int]:
+    """The ``seq=N`` of a ``vmtrace-probe``/``vmtrace-order`` marker line, or None."""
+    seq = kv.get("seq")
+    return int(seq) if isinstance(seq, str) and _SEQ.match(seq) else None
 
 
 @runtime_checkable

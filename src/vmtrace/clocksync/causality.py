@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from vmtrace.clocksync import ClockMap, SyncReport
+from vmtrace.clocksync import ClockMap, SyncReport, marker_seq
 from vmtrace.errors import VmtraceError
 
 
@@ -123,9 +123,9 @@ def _check_orders(session, name: str, cmap: ClockMap, gc: GuestCheck) -> None:
             continue
         kind = str(kv.get("kind"))
         by_kind.setdefault(kind, []).append((ts, cpu))
-        seq = kv.get("seq", "")
-        if seq.lstrip("-").isdigit():
-            by_seq.setdefault((kind, int(seq)), (ts, cpu))
+        seq = marker_seq(kv)
+        if seq is not None:
+            by_seq.setdefault((kind, seq), (ts, cpu))
     seen: Dict[str, int] = {}
     parsed = []
     for o in orders:

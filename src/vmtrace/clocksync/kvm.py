@@ -31,7 +31,8 @@ from vmtrace.errors import VmtraceError
 KVM_DEBUGFS = "/sys/kernel/debug/kvm"
 INTEL_FRAC_BITS = 48
 AMD_FRAC_BITS = 32
-_VM_DIR = re.compile(r"^(\d+)-(\d+)$")
+_VM_DIR = re.compile(r"^(\d+)-(\d+)\Z")
+_VCPU_KEY = re.compile(r"^[0-9]{1,5}\Z")
 _U64 = 1 << 64
 
 
@@ -74,7 +75,7 @@ def read_vm(vm_dir: str, default_frac_bits: int = INTEL_FRAC_BITS) -> Dict[int, 
     except OSError as exc:
         raise VmtraceError("cannot list %s: %s" % (vm_dir, exc.strerror))
     for n in names:
-        if not (n.startswith("vcpu") and n[4:].isdigit()):
+        if not (n.startswith("vcpu") and _VCPU_KEY.match(n[4:])):
             continue
         d = os.path.join(vm_dir, n)
         off = _read_int(os.path.join(d, "tsc-offset"))
@@ -202,17 +203,33 @@ def from_session(cfg: dict) -> KvmTscMap:
 
     ``vcpus``: {"N": {"offset", "ratio", "frac_bits"}}, ``changes``: [[host_tsc, vcpu,
     prev, next], ...], optional ``tsc_khz`` with ``anchor`` [tsc, ns] when the host
-    traces with ``mono`` rather than ``x86-tsc``.
+    traces with ``mono`` rather than ``x86-tsc``. session.json is a file anyone may hand
+    over: every number is checked against what KVM can hold (a ``frac_bits`` of 10**9
+    would otherwise make each mapped timestamp a gigabyte-long integer).
     """
+    def num(v, lo: int, hi: int, what: str) -> int:
+        if type(v) is not int or not lo <= v <= hi:
+            raise VmtraceError("session.json: bad kvm sync section (%s %.40r)" % (what, v))
+        return v
+
     try:
-        vcpus = {int(k): VcpuTsc(int(v["offset"]), int(v.get("ratio", 1 << int(v.get("frac_bits", INTEL_FRAC_BITS)))),
-                                 int(v.get("frac_bits", INTEL_FRAC_BITS)))
-                 for k, v in cfg["vcpus"].items()}
-        changes = [OffsetChange(int(a), int(b), int(c), int(d)) for a, b, c, d in cfg.get("changes", [])]
+        vcpus = {}
+        for k, v in cfg["vcpus"].items():
+            if not (isinstance(k, str) and _VCPU_KEY.match(k)):
+                raise VmtraceError("session.json: bad kvm sync section (vcpu %.40r)" % (k,))
+            frac = num(v.get("frac_bits", INTEL_FRAC_BITS), 0, 64, "frac_bits")
+            vcpus[int(k)] = VcpuTsc(num(v["offset"], -(1 << 63), (1 << 63) - 1, "offset"),
+                                    num(v.get("ratio", 1 << frac), 1, _U64 - 1, "ratio"), frac)
+        changes = [OffsetChange(num(a, 0, _U64 - 1, "host_tsc"), num(b, 0, 1 << 16, "vcpu"),
+                                num(c, -(1 << 63), (1 << 63) - 1, "offset"), num(d, -(1 << 63), (1 << 63) - 1, "offset"))
+                   for a, b, c, d in cfg.get("changes", [])]
         conv = None
         if "tsc_khz" in cfg:
             t0, n0 = cfg["anchor"]
-            conv = linear_tsc_to_ns(int(t0), int(n0), float(cfg["tsc_khz"]))
+            khz = cfg["tsc_khz"]
+            if isinstance(khz, bool) or not isinstance(khz, (int, float)) or not 1 <= khz <= 1e9:
+                raise VmtraceError("session.json: bad kvm sync section (tsc_khz %.40r)" % (khz,))
+            conv = linear_tsc_to_ns(num(t0, 0, _U64 - 1, "anchor"), num(n0, 0, (1 << 63) - 1, "anchor"), float(khz))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise VmtraceError("session.json: bad kvm sync section (%s)" % exc)
     changes.sort(key=lambda c: c.host_tsc)

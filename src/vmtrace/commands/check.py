@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from vmtrace.errors import VmtraceError
+
 MAX_SHOWN = 10
 
 
@@ -35,6 +37,8 @@ def command(session_dir: str, guests: tuple, skew_ns: int, holdout: bool, as_jso
     s = Session(session_dir)
     names = list(guests) or s.guests
     for n in names:
+        if n in s.skipped:
+            raise VmtraceError("guest %s has no trace.dat in %s: %s" % (n, session_dir, s.skipped[n]))
         s.source(n)
     if not names:
         click.echo("no guests in %s: nothing to check" % session_dir)
@@ -49,7 +53,7 @@ def command(session_dir: str, guests: tuple, skew_ns: int, holdout: bool, as_jso
                 held[n] = causality.check_guest(s, n, skew_ns=skew_ns, holdout=True)
     total = len(main.violations) + sum(len(g.violations) for g in (held or {}).values())
     if as_json:
-        out = {"violations": total, "guests": {}}
+        out = {"violations": total, "guests": {}, "skipped": dict(s.skipped) if not guests else {}}
         for n, g in main.guests.items():
             r = g.report
             out["guests"][n] = {
@@ -83,6 +87,9 @@ def command(session_dir: str, guests: tuple, skew_ns: int, holdout: bool, as_jso
                 click.echo("  violation: %s" % v)
             if len(shown) > MAX_SHOWN:
                 click.echo("  ... %d more" % (len(shown) - MAX_SHOWN))
+        if not guests:
+            for n, why in s.skipped.items():
+                click.echo("%s: not checked, no trace.dat (%s)" % (n, why))
         if skew_ns:
             click.echo("(every guest deliberately shifted by %d ns)" % skew_ns)
         click.echo("%d violations" % total)

@@ -94,12 +94,16 @@ def command(guests, outdir, duration, events, clock, buffer_kb, host_events, for
         signal.signal(signal.SIGINT, previous)
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     out.print(summary_table(doc))
+    # Problems carry guest text: never rich markup. They are warnings on stderr when the
+    # recording succeeded; when it failed, stderr holds the one error line and the
+    # problems go with the rest of the report.
+    to = out if doc["errors"] else err
     for name, e in list(doc["guests"].items()) + ([("host", doc["host"])] if doc.get("host") else []):
         for p in e["problems"]:
-            err.print("%s: %s" % (name, p))
-    out.print("session: %s/session.json" % doc["outdir"])
+            to.print("%s: %s" % (name, p), markup=False, soft_wrap=True)
+    out.print("session: %s/session.json" % doc["outdir"], markup=False, soft_wrap=True)
     for e in list(doc["guests"].values()) + ([doc["host"]] if doc.get("host") else []):
         if e.get("file"):
-            out.print("wrote %s/%s" % (doc["outdir"], e["file"]))
+            out.print("wrote %s/%s" % (doc["outdir"], e["file"]), markup=False, soft_wrap=True)
     if doc["errors"]:
         raise VmtraceError("; ".join(doc["errors"])[:500])

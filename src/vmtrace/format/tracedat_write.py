@@ -40,7 +40,7 @@ __all__ = ["write_tracedat", "WRITER_VERSION"]
 WRITER_VERSION = "vmtrace 0.1.0"
 
 OptionValue = Union[str, bytes, int, Sequence[str]]
-_EVENT_RE = re.compile(r"^events/([A-Za-z0-9_]+)/([A-Za-z0-9_.-]+)/format$")
+_EVENT_RE = re.compile(r"^events/([A-Za-z0-9_]+)/([A-Za-z0-9_.-]+)/format\Z")
 _KNOWN_OPTIONS = {"clock", "trace_clock", "uname", "hostname", "kernel", "machine", "version",
                   "cpucount", "cpustat", "date", "offset", "hook", "traceid"}
 
@@ -183,8 +183,29 @@ def _copy_compressed(o: _Out, codec: Codec, path: str, size: int, chunk_size: in
 
 # ---------------------------------------------------------------- options
 
+# At most this many CPUs: CPU numbers are checked to be below 65536, and a v6 file
+# writes a 16-byte table entry per CPU up front.
+MAX_CPUCOUNT = 65536
+# meta.json may come from a guest: only names, tokens and numbers are taken from it.
+_CLOCK_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}\Z")
+_STAT_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}\Z")
+
+
+def _meta_token(m: Mapping, key: str, pattern: re.Pattern) -> Optional[str]:
+    v = m.get(key)
+    return v if isinstance(v, str) and pattern.match(v) else None
+
+
 class _Settings:
-    """Everything the options say, from the caller's options over meta.json defaults."""
+    """Everything the options say: the caller's options, then what meta.json may supply.
+
+    meta.json supplies only checked structure and single words (clock name, hostname,
+    kernel release, machine, agent version, per-CPU counters); the options that change
+    how a reader shows the trace as a whole (``uname``, ``trace_clock``, ``date``,
+    ``offset``, ``hook``) come from the caller alone. A guest writes its own meta.json:
+    it must not be able to name itself another machine or shift its timestamps.
+    """
 
     def __init__(self, md: _Meta, options: Mapping[str, OptionValue], cpus: Iterable[int]):
         unknown = set(options) - _KNOWN_OPTIONS
@@ -193,47 +214,55 @@ class _Settings:
                                f"(known: {', '.join(sorted(_KNOWN_OPTIONS))})")
         m = md.meta
 
-        def get(key: str, default=None):
-            v = options.get(key, m.get(key, default))
+        def opt(key: str):
+            v = options.get(key)
             return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
-        text = get("trace_clock")
-        clock = get("clock")
+        def word(key: str, pattern: re.Pattern = _TOKEN_RE):
+            v = opt(key)
+            return v if v is not None else _meta_token(m, key, pattern)
+
+        text = opt("trace_clock")
+        clock = word("clock", _CLOCK_RE)
         if text and not clock:
             clock = parse_clock(str(text))
         if clock and not text:
             text = f"[{clock}]"
         self.clock: Optional[str] = clock
         self.clock_text: Optional[str] = text
-        uname = get("uname")
+        uname = opt("uname")
         if not uname:
-            host, kernel = get("hostname"), get("kernel")
+            host, kernel = word("hostname"), word("kernel")
             if host or kernel:
                 uname = f"Linux {host or 'unknown'} {kernel or 'unknown'}"
-                if get("machine"):
-                    uname += f" {get('machine')}"
+                if word("machine"):
+                    uname += f" {word('machine')}"
         self.uname: Optional[str] = uname
         agent = m.get("agent") if isinstance(m.get("agent"), dict) else {}
+        agent_version = _meta_token(agent, "version", _TOKEN_RE)
         self.version = str(options.get("version") or (
-            f"{WRITER_VERSION} (agent {agent['version']})" if agent.get("version") else WRITER_VERSION))
+            f"{WRITER_VERSION} (agent {agent_version})" if agent_version else WRITER_VERSION))
         present = list(cpus)
         nr = options.get("cpucount", m.get("nr_cpus"))
-        try:
-            nr = int(nr) if nr is not None else None
-        except (TypeError, ValueError):
-            raise VmtraceError(f"cpucount {nr!r} is not a number") from None
+        if nr is not None and (isinstance(nr, bool) or not isinstance(nr, int)):
+            try:
+                nr = int(nr)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise VmtraceError(f"cpucount {str(nr)[:40]!r} is not a number") from None
         self.cpucount = max([nr or 0] + [c + 1 for c in present])
+        if not 0 <= self.cpucount <= MAX_CPUCOUNT:
+            raise VmtraceError(f"cpucount {self.cpucount} is out of range (0..{MAX_CPUCOUNT})")
         stat = options.get("cpustat")
         if stat is None and isinstance(m.get("stats"), dict):
             from vmtrace.format.rawdir import _format_cpustat
-            stat = [_format_cpustat(str(c), s) for c, s in sorted(
+            stat = [_format_cpustat(str(c), _counters(s)) for c, s in sorted(
                 m["stats"].items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))
-                if isinstance(s, dict)]
+                if isinstance(s, dict) and _TOKEN_RE.match(str(c))]
         if isinstance(stat, (str, bytes)):
             s = stat.decode("utf-8", "replace") if isinstance(stat, bytes) else stat
             stat = [p for p in re.split(r"(?m)^(?=CPU: )", s) if p.strip()]
         self.cpustat: list[str] = list(stat or [])
-        self.date, self.offset, self.hook = get("date"), get("offset"), get("hook")
+        self.date, self.offset, self.hook = opt("date"), opt("offset"), opt("hook")
         self.traceid = options.get("traceid")
 
     def options(self, o: _Out) -> list[tuple[int, bytes]]:
@@ -259,6 +288,12 @@ class _Settings:
         out.append((OPT_CPUCOUNT, o.pack("I", self.cpucount)))
         out.extend((OPT_CPUSTAT, _cstr(s)) for s in self.cpustat)
         return out
+
+
+def _counters(st: Mapping) -> dict:
+    """A CPU's counters from meta.json, numbers only: they are printed into CPUSTAT."""
+    return {k: v for k, v in st.items()
+            if isinstance(k, str) and _STAT_KEY_RE.match(k) and type(v) is int}
 
 
 def _write_options(o: _Out, opts: list[tuple[int, bytes]], *, v7: bool, next_offset: int = 0) -> None:

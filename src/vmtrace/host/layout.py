@@ -19,6 +19,7 @@ directory alone; ``record`` rebinds them.
 """
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import re
@@ -36,8 +37,8 @@ TRANSPORTS = ("fifo", "socket")
 QEMU_GROUPS = ("qemu", "libvirt-qemu", "kvm")
 MAX_CPUS = 1024
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_CPU_FILE = re.compile(r"^trace-path-cpu(\d+)(\.in|\.out)?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_CPU_FILE = re.compile(r"^trace-path-cpu(\d+)(\.in|\.out)?\Z")
 
 
 def check_guest_name(name: str) -> str:
@@ -293,6 +294,26 @@ def bind_socket(dfd: int, leaf: str, gid: int, shown: str) -> socket.socket:
         sock.close()
         raise VmtraceError("cannot listen on %s: %s" % (shown, exc.strerror)) from None
     return sock
+
+
+def open_port(dfd: int, leaf: str, flags: int, shown: str) -> int:
+    """Open a prepared FIFO by name inside its checked directory ``dfd``: never through
+    a symlink (``O_NOFOLLOW``), never blocking, and only if it is still our FIFO.
+
+    ``GuestLayout.open`` checked the names already; this closes the window between that
+    check and the open, in which a port could have been swapped for a link.
+    """
+    try:
+        fd = os.open(leaf, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise VmtraceError("%s is a symlink; refusing to follow it" % shown) from None
+        raise VmtraceError("cannot open %s: %s" % (shown, exc.strerror)) from None
+    st = os.fstat(fd)
+    if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise VmtraceError("%s is no longer our FIFO; refusing to use it" % shown)
+    return fd
 
 
 def open_dir_checked(path: str) -> int:

@@ -33,14 +33,15 @@ class Progress:
         for col in ("guest", "cpu", "MB", "MB/s", "pages", "lost events", "dropped pages", "state"):
             t.add_column(col, justify="left" if col in ("guest", "state") else "right")
         for g in session.guests.values():
-            agent = g.agent_stats.get("cpus") if isinstance(g.agent_stats.get("cpus"), dict) else {}
+            agent = g.agent_stats if isinstance(g.agent_stats, dict) else {}
             for cpu, s in sorted(g.streams.items()):
                 st = s.stats()
                 key = (g.name, cpu)
                 t0, b0 = self._last.get(key, (now, st["written"]))
                 rate = (st["written"] - b0) / (now - t0) if now > t0 else 0.0
                 self._last[key] = (now, st["written"])
-                lost = agent.get(str(cpu), {}).get("lost_events", "") if isinstance(agent, dict) else ""
+                a = agent.get(str(cpu))
+                lost = a.get("lost_events", "") if isinstance(a, dict) else ""
                 state = g.state if not st["error"] else "error: %s" % st["error"]
                 t.add_row(g.name, str(cpu), _mb(st["written"]), "%.1f" % (rate / 1e6), str(st["pages"]),
                           str(lost), str(st["dropped_pages"]), state)
@@ -62,7 +63,7 @@ def summary_table(doc: Dict[str, Any]) -> Table:
         written = sum(s["written"] for s in host.values())
         pages = sum(s["pages"] for s in host.values())
         dropped = sum(s["dropped_pages"] for s in host.values())
-        lost = sum(int(a.get("lost_events", 0)) for a in agent.values() if isinstance(a, dict))
+        lost = sum(a["lost_events"] for a in agent.values() if isinstance(a, dict) and type(a.get("lost_events")) is int)
         t.add_row(name, str(e["cpus"]), _mb(written), str(pages), str(lost), str(dropped),
                   str(len(e["probes"])), e.get("file") or ("(raw) " + str(e.get("raw"))))
     return t
