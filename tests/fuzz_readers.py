@@ -7,7 +7,7 @@ one reader the way a trace file would, and accepts exactly one outcome besides s
 a VmtraceError (FormatError), which `vmtrace report` prints as one line. Any other
 exception is a crash that libFuzzer reports with the input that caused it. The seed
 corpus is made from the real fixtures in tests/data, so the fuzzer starts from inputs
-that reach deep into the decoder. docs/security-files.md ("Fuzzing the readers") has
+that reach deep into the decoder. docs/security.md ("Fuzzing the readers") has
 the long run; tests/test_fuzz_readers.py runs each target for a few seconds.
 """
 from __future__ import annotations

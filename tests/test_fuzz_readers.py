@@ -1,7 +1,7 @@
 """A short coverage-guided fuzz run of each reader (tests/fuzz_readers.py, atheris).
 
 A few seconds per target with a fixed seed, so a run is repeatable; the long run is in
-docs/security-files.md. A target that raises anything but a VmtraceError fails here with
+docs/security.md. A target that raises anything but a VmtraceError fails here with
 libFuzzer's report of the input (it prints the crashing input in hex and base64).
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ import pytest
 import hostile
 from bounded import assert_clean_exit, run_bounded
 
-# Every run here must stay under these, whatever the input (docs/security-files.md):
+# Every run here must stay under these, whatever the input (docs/security.md):
 MAX_RSS_MB = 1024
 MAX_WALL_S = 30.0       # the fixture reports in 0.3 s; a shared 2-core CI is slow, not 100x
 

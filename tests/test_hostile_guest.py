@@ -6,7 +6,7 @@ two fake agents (tests/hostile_agent.py) speaking the real protocol: "good" repl
 committed fixture's pages and metadata, "bad" answers correctly except for one attack.
 Whatever the attack, the recorder must:
 
-* end on time and within its memory bound (docs/security-recorder.md), with exit 0, or
+* end on time and within its memory bound (docs/security.md), with exit 0, or
   2 and one ``vmtrace: error:`` line, never a traceback;
 * write the good guest's trace.dat complete (trace-cmd reports exactly the fixture's
   events) and session.json valid (strict JSON, read back by vmtrace.merge);
@@ -40,7 +40,7 @@ FIXTURE = HERE / "data" / "tracedat_small_v7.dat"
 FIXTURE_REPORT = HERE / "data" / "tracedat_small.report.txt"
 DURATION = 1.0
 MAX_METADATA = 8 << 20
-# The recorder's memory bound for this run (docs/security-recorder.md): the process
+# The recorder's memory bound for this run (docs/security.md): the process
 # itself (Python, numpy, zstd, rich: ~70 MB measured, 100 allowed) plus, per guest,
 # twice the metadata cap while metadata arrives, the decoder and kept replies. The
 # writer expands at most one guest's kallsyms at a time; these runs ask for none.

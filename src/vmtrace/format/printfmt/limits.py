@@ -1,7 +1,7 @@
 """Masks and the bounds a print fmt or payload may not exceed.
 
 Kept in one place because the bounds are the security contract of the compiler (see
-docs/security-files.md): each is enforced where the parser, the format-string reader or
+docs/security.md): each is enforced where the parser, the format-string reader or
 a runtime helper meets the quantity, but read here they can be reviewed together.
 """
 from __future__ import annotations
