@@ -9,7 +9,6 @@ appear in the stream as :class:`LostEvents` where trace-cmd prints ``[EVENTS DRO
 from __future__ import annotations
 
 import builtins
-import heapq
 import os
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +17,7 @@ import numpy as np
 from vmtrace.errors import FormatError, VmtraceError
 from vmtrace.format.events import EventCatalog, EventFormat
 from vmtrace.format.metadata import TraceMetadata
+from vmtrace.merge import ordered
 from vmtrace.format.ringbuffer import (EventBatch, PageLayout, decode_pages, iter_batches,
                                        layout_from_headers)
 
@@ -144,6 +144,50 @@ class Trace:
         self._endian = endian
         self._common = _common_layout(self.catalog, endian)
         self.problems: List[Tuple[int, Any]] = []
+
+    # -- the Source interface (vmtrace.source) -----------------------------------------
+    @property
+    def kind(self) -> str:
+        """``trace.dat``, ``raw`` or ``stream``: what was opened."""
+        return getattr(self.source, "kind", None) or (
+            "raw" if type(self.source).__name__ == "RawDir" else "trace.dat")
+
+    @property
+    def clock(self) -> str:
+        return str((self.source.options or {}).get("clock") or "local")
+
+    @property
+    def identity(self) -> Tuple[str, str]:
+        """(role, label): ``("guest", NAME)``, ``("host", "host")`` or ``("trace", HOSTNAME)``;
+        see :func:`trace_identity`."""
+        return trace_identity(self)
+
+    def members(self) -> List["Trace"]:
+        return [self]
+
+    def source_names(self) -> List[str]:
+        return [self.identity[1]]
+
+    def _selected(self, sources: Optional[Sequence[str]]) -> bool:
+        return sources is None or self.identity[1] in sources
+
+    def check_selection(self, *, events: Optional[Sequence[str]] = None, cpus: Any = None,
+                        sources: Optional[Sequence[str]] = None, start: Time = None, end: Time = None) -> None:
+        """Refuse a selection that names nothing in this trace (one line, exit 2)."""
+        if events and not self.catalog.match(list(events)):
+            raise VmtraceError(f"{self.name}: no event matches --events {','.join(events)!r}")
+        if sources is not None and not self._selected(sources):
+            raise VmtraceError(f"{self.name}: no source named {', '.join(sources)} (this trace is "
+                               f"{self.identity[1]!r})")
+
+    def text_blocks(self, *, events: Optional[Sequence[str]] = None, cpus: Optional[Iterable[int]] = None,
+                    sources: Optional[Sequence[str]] = None, start: Time = None, end: Time = None,
+                    fast: bool = True) -> Iterator[bytes]:
+        """What ``trace-cmd report`` prints for this trace, in UTF-8 blocks of lines."""
+        from vmtrace.text import trace_blocks
+        if not self._selected(sources):
+            return iter(())
+        return trace_blocks(self, cpus=cpus, events=events, start=_ns(start), end=_ns(end), fast=fast)
 
     # -- plumbing --------------------------------------------------------------------
     def close(self) -> None:
@@ -295,23 +339,20 @@ class Trace:
 
     def events(self, cpus: Optional[Iterable[int]] = None, events: Optional[Sequence[str]] = None,
                start: Time = None, end: Time = None,
-               buffer: Optional[str] = None) -> Iterator[Union[Event, LostEvents]]:
+               buffer: Optional[str] = None, sources: Optional[Sequence[str]] = None) -> Iterator[Union[Event, LostEvents]]:
         """Events (and :class:`LostEvents` markers) of all CPUs, in timestamp order.
 
         ``events`` takes "system", "system:name", a bare name or globs; ``start`` and
         ``end`` are inclusive trace-clock integers (a float is seconds).
         """
+        if not self._selected(sources):
+            return
         want = set(cpus) if cpus is not None else None
         ids = self._ids(events)
         s, e = _ns(start), _ns(end)
         streams = [self._cpu_events(c, buffer, ids, s, e) for c in self.cpus(buffer)
                    if want is None or c in want]
-        if len(streams) == 1:
-            for item in streams[0]:
-                yield item[3]
-            return
-        for item in heapq.merge(*streams, key=lambda t: (t[0], t[1], t[2])):
-            yield item[3]
+        yield from ordered(streams)
 
     # -- tables ----------------------------------------------------------------------
     def _names_for(self, type_ids: np.ndarray) -> Tuple[np.ndarray, List[str]]:
@@ -327,10 +368,12 @@ class Trace:
         return inv.reshape(-1), [self.metadata.comm(int(p)) for p in uniq.tolist()]
 
     def table(self, cpus: Optional[Iterable[int]] = None, events: Optional[Sequence[str]] = None,
-              start: Time = None, end: Time = None, buffer: Optional[str] = None) -> Any:
+              start: Time = None, end: Time = None, buffer: Optional[str] = None,
+              sources: Optional[Sequence[str]] = None) -> Any:
         """All selected events as a pyarrow Table: ts, cpu, pid, comm, event (time order)."""
-        import pyarrow as pa
         parts = []
+        if not self._selected(sources):
+            return _base_schema().empty_table()
         for cpu, batch, keep in self._batches_selected(cpus, events, start, end, buffer):
             sel = np.nonzero(keep)[0]
             if not sel.size:
@@ -401,29 +444,42 @@ class Trace:
                 yield fmt, cols
 
     # -- counts ----------------------------------------------------------------------
-    def stats(self, buffer: Optional[str] = None) -> Dict[str, Any]:
-        """Per-CPU and per-event counts, lost events and skipped (corrupt) pages."""
+    def stats(self, buffer: Optional[str] = None, *, cpus: Optional[Iterable[int]] = None,
+              events: Optional[Sequence[str]] = None, start: Time = None, end: Time = None,
+              sources: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """Per-CPU and per-event counts, lost events and skipped (corrupt) pages, of the
+        selection (a lost-events marker counts when its CPU and time are selected)."""
         per_cpu: Dict[int, Dict[str, Any]] = {}
         per_event: Dict[str, int] = {}
         counts = np.zeros(1 << 16, np.int64)
-        for cpu in self.cpus(buffer):
+        want = set(cpus) if cpus is not None else None
+        ids = self._ids(events)
+        s, e = _ns(start), _ns(end)
+        for cpu in self.cpus(buffer) if self._selected(sources) else []:
+            if want is not None and cpu not in want:
+                continue
             st = per_cpu[cpu] = {"events": 0, "pages": 0, "lost": 0, "lost_unknown": 0,
                                  "problems": 0, "first_ts": None, "last_ts": None}
             for batch in self.batches(cpu, buffer):
-                n = len(batch)
+                keep = self._select(batch, ids, s, e)
+                tids = batch.type_id[keep]
+                ts = batch.ts[keep]
+                n = len(tids)
                 st["events"] += n
                 st["pages"] += batch.pages
                 st["problems"] += len(batch.problems)
                 for m in batch.lost:
+                    if not self._in_range(m.ts, s, e):
+                        continue
                     if m.count >= 0:
                         st["lost"] += m.count
                     else:
                         st["lost_unknown"] += 1
                 if n:
-                    counts += np.bincount(batch.type_id, minlength=1 << 16)
+                    counts += np.bincount(tids, minlength=1 << 16)
                     if st["first_ts"] is None:
-                        st["first_ts"] = int(batch.ts[0])
-                    st["last_ts"] = int(batch.ts[-1])
+                        st["first_ts"] = int(ts[0])
+                    st["last_ts"] = int(ts[-1])
         for t in np.nonzero(counts)[0].tolist():
             f = self.catalog.get(t)
             per_event[f.full_name if f else f"unknown:{t}"] = int(counts[t])
@@ -434,6 +490,34 @@ class Trace:
             "cpus": per_cpu,
             "per_event": dict(sorted(per_event.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
+
+
+def trace_identity(trace: Any) -> Tuple[str, str]:
+    """(role, name) of a single trace: the session.json beside the file names it (a
+    guest's name, or the host); else the hostname in the trace, a guest if the vmtrace
+    agent recorded it; else ("trace", "trace"). Used to label machines and tracks."""
+    import json
+    path = str(getattr(getattr(trace, "source", None), "path", "") or getattr(trace, "name", "") or "")
+    if path:
+        sj = os.path.join(os.path.dirname(os.path.abspath(path)), "session.json")
+        try:
+            with builtins.open(sj, encoding="utf-8") as f:
+                doc = json.load(f)
+            base = os.path.basename(path)
+            for gname, g in (doc.get("guests") or {}).items():
+                if isinstance(g, dict) and g.get("file") == base:
+                    return ("guest", str(gname))
+            if (doc.get("host") or {}).get("file") == base:
+                return ("host", "host")
+        except (OSError, ValueError, AttributeError):
+            pass
+    opts = getattr(getattr(trace, "source", None), "options", None) or {}
+    host = opts.get("hostname")
+    if "agent" in str(opts.get("version", "")):
+        return ("guest", str(host or "guest"))
+    if host:
+        return ("trace", str(host))
+    return ("trace", "trace")
 
 
 def _layout(source: Any, name: str) -> PageLayout:
