@@ -375,17 +375,17 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
 
     ui.phase("decoding the trace and rendering the report and timeline")
     t = time.monotonic()
-    from vmtrace import api
-    from vmtrace.commands.report import text_lines
+    from vmtrace import source as vsource
+    from vmtrace.text import trace_lines
 
-    with api.open(dat) as trace:
+    with vsource.open(dat) as trace:
         stats = trace.stats()
-        report = list(islice(text_lines(trace), REPORT_LINES))
+        report = list(islice(trace_lines(trace), REPORT_LINES))
     timings["decode"] = time.monotonic() - t
     t = time.monotonic()
     png = os.path.join(outdir, "timeline.png")
     html = os.path.join(outdir, "timeline.html")
-    from vmtrace.export.timeline import write_timeline
+    from vmtrace.export.html import write_timeline
 
     source = outdir if host_dat else dat
     try:
