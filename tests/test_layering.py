@@ -8,7 +8,7 @@ The layers, bottom up (docs/internals.md draws them):
     errors
     values, protocol, tracefs, merge     checks, wire formats, tracefs, the k-way merge
     format, clocksync, agent             pure decoding; clock maps; the guest agent
-    sources, text, host                  opening files; trace-cmd text; the recorder
+    sources, text, host, tables          opening files; trace-cmd text; the recorder; Arrow schemas
     api                                  a single trace (Trace)
     seeddir, session                     a seed agent's files; a merged session
     source                               vmtrace.open(): any input as a Source
@@ -32,7 +32,7 @@ RANK = {
     "errors": 0,
     "values": 1, "protocol": 1, "tracefs": 1, "merge": 1,
     "format": 2, "clocksync": 2, "agent": 2,
-    "sources": 3, "text": 3, "host": 3,
+    "sources": 3, "text": 3, "host": 3, "tables": 3,
     "api": 4,
     "seeddir": 5, "session": 5,
     "source": 6,

@@ -18,6 +18,7 @@ from vmtrace.errors import FormatError, VmtraceError
 from vmtrace.format.events import EventCatalog, EventFormat
 from vmtrace.format.metadata import TraceMetadata
 from vmtrace.merge import ordered
+from vmtrace.tables import arrow_column, base_schema, column_name, event_schema, sorted_table
 from vmtrace.format.ringbuffer import (EventBatch, PageLayout, decode_pages, iter_batches,
                                        layout_from_headers)
 
@@ -373,13 +374,13 @@ class Trace:
         """All selected events as a pyarrow Table: ts, cpu, pid, comm, event (time order)."""
         parts = []
         if not self._selected(sources):
-            return _base_schema().empty_table()
+            return base_schema().empty_table()
         for cpu, batch, keep in self._batches_selected(cpus, events, start, end, buffer):
             sel = np.nonzero(keep)[0]
             if not sel.size:
                 continue
             parts.append(self._base_columns(cpu, batch, sel))
-        return _sorted_table(parts, _base_schema())
+        return sorted_table(parts, base_schema())
 
     def _batches_selected(self, cpus, events, start, end, buffer):
         want = set(cpus) if cpus is not None else None
@@ -417,7 +418,7 @@ class Trace:
         if fmt is None:
             raise VmtraceError(f"{self.name}: no event {event!r} in this trace")
         parts = [cols for _, cols in self.event_parts([fmt.full_name], cpus, start, end, buffer)]
-        return _sorted_table(parts, event_schema(fmt))
+        return sorted_table(parts, event_schema(fmt))
 
     def event_parts(self, events: Optional[Sequence[str]] = None,
                     cpus: Optional[Iterable[int]] = None, start: Time = None, end: Time = None,
@@ -440,7 +441,7 @@ class Trace:
                 del cols["event"]
                 fields = fmt.columns(batch, sel, keep_going=self.keep_going)
                 for f in fmt.event_fields:
-                    cols[_column_name(f.name)] = _arrow_column(fields[f.name], f)
+                    cols[column_name(f.name)] = arrow_column(fields[f.name], f)
                 yield fmt, cols
 
     # -- counts ----------------------------------------------------------------------
@@ -535,73 +536,3 @@ def _common_layout(catalog: EventCatalog, endian: str) -> Dict[str, Tuple[int, i
         if fmt and fmt.field("common_pid") is not None:
             return {f.name: (f.offset, f.size) for f in fmt.common_fields}
     return {"common_pid": (4, 4)}
-
-
-def _base_schema() -> Any:
-    import pyarrow as pa
-    return pa.schema([("ts", pa.uint64()), ("cpu", pa.uint16()), ("pid", pa.int32()),
-                      ("comm", pa.dictionary(pa.int32(), pa.string())),
-                      ("event", pa.dictionary(pa.int32(), pa.string()))])
-
-
-def _arrow_type(f: Any) -> Any:
-    import pyarrow as pa
-    from vmtrace.format import events as ev
-    if f.is_string:
-        return pa.string()
-    ints = {(1, True): pa.int8(), (1, False): pa.uint8(), (2, True): pa.int16(),
-            (2, False): pa.uint16(), (4, True): pa.int32(), (4, False): pa.uint32(),
-            (8, True): pa.int64(), (8, False): pa.uint64()}
-    if f.kind == ev.SCALAR:
-        return ints.get((f.size, f.signed), pa.binary())
-    elem = ints.get((f.elem_size, f.signed), pa.int64())
-    if f.kind == ev.ARRAY and f.elem_size in (1, 2, 4, 8):
-        return pa.list_(elem, f.count)
-    return pa.list_(elem)
-
-
-def _arrow_column(values: np.ndarray, f: Any) -> Any:
-    import pyarrow as pa
-    from vmtrace.format import events as ev
-    typ = _arrow_type(f)
-    if f.kind == ev.ARRAY and f.elem_size in (1, 2, 4, 8):
-        flat = pa.array(np.ascontiguousarray(values).reshape(-1), typ.value_type)
-        return pa.FixedSizeListArray.from_arrays(flat, f.count)
-    if f.kind == ev.SCALAR and values.dtype != object:
-        return pa.array(values, typ)
-    if f.kind == ev.SCALAR:
-        return pa.array([None if v is None else bytes(v) if not isinstance(v, int) else
-                         v.to_bytes(max(f.size, 1), "little", signed=f.signed)
-                         for v in values.tolist()], typ)
-    return pa.array(values.tolist(), typ)
-
-
-_BASE_NAMES = ("ts", "cpu", "pid", "comm", "event")
-
-
-def _column_name(field_name: str) -> str:
-    """An event field named like a base column ("cpu" of workqueue events) gets a prefix."""
-    return f"field_{field_name}" if field_name in _BASE_NAMES else field_name
-
-
-def event_schema(fmt: EventFormat) -> Any:
-    """The arrow schema of :meth:`Trace.event_table` for ``fmt``."""
-    import pyarrow as pa
-    base = _base_schema()
-    fields = [base.field(n) for n in ("ts", "cpu", "pid", "comm")]
-    fields += [pa.field(_column_name(f.name), _arrow_type(f)) for f in fmt.event_fields]
-    return pa.schema(fields, metadata={b"event": fmt.full_name.encode()})
-
-
-def _sorted_table(parts: List[Dict[str, Any]], schema: Any) -> Any:
-    """Concatenate per-CPU chunks and order them like trace-cmd: by ts, then CPU."""
-    import pyarrow as pa
-    if not parts:
-        return schema.empty_table()
-    tables = [pa.table(p, schema=schema) for p in parts]
-    t = pa.concat_tables(tables).unify_dictionaries() if len(tables) > 1 else tables[0]
-    if len(tables) > 1:
-        ts = np.concatenate([p["ts"].to_numpy() for p in parts])
-        cpu = np.concatenate([p["cpu"].to_numpy() for p in parts])
-        t = t.take(pa.array(np.lexsort((cpu, ts))))
-    return t

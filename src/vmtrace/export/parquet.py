@@ -51,7 +51,7 @@ def write_partitioned(trace: Any, directory: Union[str, os.PathLike], *,
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from vmtrace.api import event_schema
+    from vmtrace.tables import event_schema
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     writers: Dict[str, Any] = {}
