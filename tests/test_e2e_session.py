@@ -154,7 +154,7 @@ def test_guest_count_matches_trace_cmd(mono, merged):
 def test_chrome_json_has_one_track_per_cpu(mono, merged, tmp_path):
     from vmtrace.export import chrome
 
-    path = perfetto.write_chrome_json(merged, str(tmp_path / "session.json"))
+    path = chrome.write_chrome_json(merged, str(tmp_path / "session.json"))
     doc = json.load(open(path))
     evs = doc["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "process_name"}
