@@ -211,13 +211,17 @@ def make_big_rawdir(trace_path: str, out_dir: str, target_bytes: int) -> Dict[st
     return {"bytes": total, "cpus": len(pages)}
 
 
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at the size of the parent it was
+# forked from (the copy counts until exec); VmHWM belongs to the exec'd image alone.
 _CHILD = r"""
-import sys, time, resource
+import sys, time
 import vmtrace
 t = time.perf_counter()
 with vmtrace.open(sys.argv[1]) as tr:
     st = tr.stats()
-print(st["events"], time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+took = time.perf_counter() - t
+hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(st["events"], took, hwm)
 """
 
 
@@ -255,7 +259,7 @@ def streaming_rss(trace_path: str, target_bytes: int = 1 << 30, *, progress: Pro
                            compression="zstd" if kind == "v7-zstd" else None)
             shutil.rmtree(raw)
         _say(progress, "decoding it in a fresh process")
-        # The child reports its own peak (ru_maxrss, KB on Linux): nothing else counts.
+        # The child reports its own peak (VmHWM, KB): nothing else counts.
         proc = subprocess.run([sys.executable, "-c", _CHILD, target],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=3600)
         if proc.returncode != 0:
