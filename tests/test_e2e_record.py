@@ -168,7 +168,7 @@ STALL_MAX_ROUNDS = 40
 def test_host_that_stops_reading_does_not_slow_the_guest(tmp_path):
     """Free vs stalled phase scores, lost events counted, reading resumes after the stall."""
     from vmtrace.format.tracedat_write import write_tracedat
-    from vmtrace.host.control import AgentLink
+    from vmtrace.host.transport.fifo import open_link
 
     readers: list[PausableReader] = []
     marks: dict[str, float] = {}
@@ -188,7 +188,7 @@ def test_host_that_stops_reading_does_not_slow_the_guest(tmp_path):
     with AgentGuest(lab_image(), script, tmp_path / "vm", smp=2, accel="tcg", on_line=on_line) as ag:
         lay = ag.layout
         readers.extend(PausableReader(lay.cpu(c) + ".out", raw / ("cpu%d" % c)) for c in range(2))
-        link = AgentLink.fifo("stall", lay.ctl)
+        link = open_link("stall", lay.ctl)
         try:
             # Generous ceilings, as in `vmtrace record`: a TCG guest on a loaded CI host
             # can take tens of seconds to enable tracepoints.

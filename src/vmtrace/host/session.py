@@ -34,7 +34,6 @@ import resource
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,8 +48,9 @@ from vmtrace.host.control import AgentLink, Request
 from vmtrace.host.drain import Drainer, Stream
 from vmtrace.host.guestdata import (check_cpu_stats, check_hello, check_meta, check_probe, check_stats,
                                     clock_name, short, text)
-from vmtrace.host.layout import CPU, CTL, GuestLayout, bind_socket, open_dir_checked, open_port, prepare
+from vmtrace.host.layout import GuestLayout, prepare
 from vmtrace.host.metadata import check_metadata, finish_meta, formats_metadata
+from vmtrace.host.transport import Ports
 
 PROBE_PERIOD_S = 0.5
 STATS_PERIOD_S = 1.0
@@ -112,7 +112,7 @@ class Guest:
     cpus: List[int] = field(default_factory=list)
     streams: Dict[int, Stream] = field(default_factory=dict)
     outs: Dict[int, int] = field(default_factory=dict)
-    listeners: Dict[int, socket.socket] = field(default_factory=dict)
+    ports: Optional[Ports] = None  # while some port may still connect
     metadata: Dict[str, bytes] = field(default_factory=dict)
     meta: Dict[str, Any] = field(default_factory=dict)         # meta.json, checked
     clock: Optional[str] = None
@@ -448,48 +448,36 @@ class Session:
         for cpu in range(lay.cpus):
             g.outs[cpu] = os.open(os.path.join(g.raw, "cpu%d" % cpu),
                                   os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-        dfd = open_dir_checked(lay.path)
-        try:
-            if lay.transport == "fifo":
-                g.link = AgentLink.fifo(g.name, lay.ctl, dir_fd=dfd)
-                for cpu in range(lay.cpus):
-                    src = open_port(dfd, CPU % cpu + ".out", os.O_RDONLY, lay.cpu(cpu) + ".out")
-                    g.streams[cpu] = self.drainer.add((g.name, cpu), src, g.outs[cpu], group=g.name)
-            else:
-                g.listeners[-1] = bind_socket(dfd, CTL, lay.gid, lay.ctl)
-                for cpu in range(lay.cpus):
-                    g.listeners[cpu] = bind_socket(dfd, CPU % cpu, lay.gid, lay.cpu(cpu))
-                for lsock in g.listeners.values():
-                    lsock.setblocking(False)
-        finally:
-            os.close(dfd)
+        g.ports = lay.open_ports()
+        if not g.ports.waiting:  # FIFOs: all there now; sockets are accepted in _setup
+            self._take_ports(g)
         if self.opts.max_size:
             self.drainer.group(g.name, self.opts.max_size)
 
+    def _take_ports(self, g: Guest) -> None:
+        """Take the ports that have connected: the control link, and data into the drainer."""
+        assert g.ports is not None
+        link, data = g.ports.accept()
+        if link is not None:
+            g.link = link
+        for cpu, src in data.items():
+            g.streams[cpu] = self.drainer.add((g.name, cpu), src, g.outs[cpu], group=g.name)
+        if not g.ports.waiting:
+            g.ports = None
+
     def _accept(self, g: Guest, deadline: float) -> Task:
-        """Sockets: wait for QEMU (or an agent) to connect the control and every data port."""
-        while g.listeners:
+        """Wait for QEMU (or an agent) to connect the control and every data port (sockets)."""
+        while g.ports is not None:
             if time.monotonic() >= deadline:
                 raise VmtraceError("%s: nothing connected to %s within %.0f s (is QEMU running with "
                                    "vmtrace prepare's options?)" % (g.name, g.layout.path, self.opts.connect_timeout))
-            for key, lsock in list(g.listeners.items()):
-                try:
-                    conn, _ = lsock.accept()
-                except (BlockingIOError, InterruptedError):
-                    continue
-                lsock.close()
-                del g.listeners[key]
-                if key == -1:
-                    g.link = AgentLink.from_socket(g.name, conn)
-                else:
-                    conn.setblocking(False)
-                    g.streams[key] = self.drainer.add((g.name, key), conn.detach(), g.outs[key], group=g.name)
-            if g.listeners:
+            self._take_ports(g)
+            if g.ports is not None:
                 yield
 
     def _setup(self, g: Guest) -> Task:
         """A guest from its first byte to its start order, one step per loop turn."""
-        if g.listeners:
+        if g.ports is not None:
             yield from self._accept(g, time.monotonic() + self.opts.connect_timeout)
         # Without --formats a silent agent is an error anyway, so give a slow-starting
         # guest (Python under TCG takes seconds) the whole connect timeout to answer.
@@ -678,10 +666,11 @@ class Session:
         self.stopped_ns = max(self.stopped_ns, time.monotonic_ns())
         yield from self._refresh_cmdlines(g)
         g.state = "stopped"
-        # Sockets: the guest runs on and so does its agent; closing the control
-        # socket tells it we left, and the next `vmtrace record` finds it again.
-        # Without bye its tracefs settings stay as configured until it exits.
-        if g.layout.transport == "socket" and g.process is None:
+        # Over a transport whose agent stays (sockets), the guest runs on and so does
+        # its agent; closing the control port tells it we left, and the next `vmtrace
+        # record` finds it again. Without bye its tracefs settings stay as configured
+        # until it exits.
+        if g.layout.backend.agent_stays and g.process is None:
             return
         if g.framed and not link.eof and link.rfd is not None:
             t0 = time.monotonic_ns()
@@ -715,9 +704,9 @@ class Session:
 
     def _close(self, g: Guest) -> None:
         self._end_task(g)
-        for s in g.listeners.values():
-            s.close()
-        g.listeners.clear()
+        if g.ports is not None:
+            g.ports.close()
+            g.ports = None
         if g.link is not None:
             self._note_link(g)
             g.link.close()
