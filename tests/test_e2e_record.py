@@ -49,7 +49,7 @@ def _events(text: str) -> list[re.Match]:
 
 def test_record_real_guest_matches_trace_cmd(tmp_path):
     """Guest names, cpus=2, ordered timestamps, nothing lost; vmtrace report agrees per type."""
-    from vmtrace.host.session import record
+    from vmtrace.host.recording import record
 
     script = guest_script(workload_command(2, 2))
     with AgentGuest(lab_image(), script, tmp_path / "vm", smp=2, accel="tcg") as ag:

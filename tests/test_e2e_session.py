@@ -38,7 +38,7 @@ RECORD_S = 4.5
 
 def _record(tmp: Path, clock: str) -> Path:
     from vmtrace.demo import AgentGuest, guest_script, workload_command
-    from vmtrace.host.session import record
+    from vmtrace.host.recording import record
 
     script = guest_script(workload_command(WORKLOAD_S, 2))
     out = tmp / "session"
