@@ -14,6 +14,7 @@ import stat
 
 from vmtrace.errors import VmtraceError
 from vmtrace.host.transport import TRANSPORTS, Transport
+from vmtrace.host.transport.base import share_with_group
 
 
 class ToyTransport(Transport):
@@ -31,11 +32,7 @@ class ToyTransport(Transport):
             if exc.errno == errno.ELOOP:
                 raise VmtraceError("%s is a symlink; refusing to follow it" % shown) from None
             raise
-        try:
-            os.fchown(fd, -1, gid)
-            os.fchmod(fd, 0o660)
-        finally:
-            os.close(fd)
+        share_with_group(fd, gid)
 
     def chardev(self, cid: str, path: str) -> str:
         return "file,id=%s,path=%s.toy" % (cid, path)

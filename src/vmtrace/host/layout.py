@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from vmtrace.errors import VmtraceError
-from vmtrace.host.transport import Ports, Transport, get_transport, transport_names
+from vmtrace.host.transport import Port, Ports, Transport, get_transport, transport_names
 
 CTL = "agent-ctl-path"
 CPU = "trace-path-cpu%d"
@@ -162,25 +162,29 @@ class GuestLayout:
     def port_names(self) -> List[str]:
         return [CTL] + [CPU % n for n in range(self.cpus)]
 
+    def ports(self) -> List[Port]:
+        """The ports as the transport gets them: control first, then one per CPU."""
+        return [Port(CTL, self.ctl, None)] + [Port(CPU % n, self.cpu(n), n) for n in range(self.cpus)]
+
     def files(self) -> List[str]:
         """Every file this layout puts in the directory."""
-        return [os.path.join(self.path, p + s) for p in self.port_names() for s in self.backend.suffixes]
+        return [p.path + s for p in self.ports() for s in self.backend.suffixes]
 
     # -- what QEMU and libvirt need ----------------------------------------------------
     def qemu_args(self, bus: str = "vmtvs0") -> List[str]:
         """QEMU options wiring the ports, named as the agent expects."""
-        return self.backend.qemu_args(self, bus)
+        return self.backend.qemu_args(self.name, self.ports(), bus)
 
     def libvirt_xml(self) -> str:
         """``<channel>`` elements to paste into the domain's ``<devices>``."""
-        return self.backend.libvirt_xml(self)
+        return self.backend.libvirt_xml(self.ports())
 
     # -- recording ---------------------------------------------------------------------
     def open_ports(self) -> Ports:
         """The ports for one recording, opened (or listened on) through the checked directory."""
         dfd = open_dir_checked(self.path)
         try:
-            return self.backend.open_ports(self, dfd)
+            return self.backend.open_ports(dfd, self.name, self.ports(), self.gid)
         finally:
             os.close(dfd)
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Dict, List, Type
 
 from vmtrace.errors import VmtraceError
-from vmtrace.host.transport.base import Ports, Transport
+from vmtrace.host.transport.base import Port, Ports, Transport
 from vmtrace.host.transport.fifo import FifoTransport
 from vmtrace.host.transport.unix import UnixTransport
 
-__all__ = ["TRANSPORTS", "Ports", "Transport", "get_transport", "transport_names"]
+__all__ = ["TRANSPORTS", "Port", "Ports", "Transport", "get_transport", "transport_names"]
 
 # name -> class, in the order `vmtrace prepare --help` lists them
 TRANSPORTS: Dict[str, Type[Transport]] = {"fifo": FifoTransport, "socket": UnixTransport}

@@ -15,14 +15,33 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import quoteattr
 
 from vmtrace.errors import VmtraceError
 
 if TYPE_CHECKING:
     from vmtrace.host.control import AgentLink
-    from vmtrace.host.layout import GuestLayout
+
+
+@dataclass(frozen=True)
+class Port:
+    """One of a guest's ports, as the layout names it for the transport."""
+
+    name: str             # what the agent looks for: agent-ctl-path, trace-path-cpuN
+    path: str             # in the guest directory, before the transport's suffixes
+    cpu: Optional[int]    # None for the control port
+
+
+def share_with_group(fd: int, gid: int) -> None:
+    """Make an open node 0660 in QEMU's group ``gid``, closing it: set through the
+    descriptor, since its name could have been swapped for a link since it was opened."""
+    try:
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, 0o660)
+    finally:
+        os.close(fd)
 
 
 class Ports:
@@ -117,27 +136,26 @@ class Transport:
         path (without suffix), already quoted as an XML attribute value."""
         raise NotImplementedError
 
-    def qemu_args(self, layout: "GuestLayout", bus: str = "vmtvs0") -> List[str]:
+    def qemu_args(self, guest: str, ports: Sequence[Port], bus: str = "vmtvs0") -> List[str]:
         """QEMU options wiring one virtserialport per port, named as the agent expects.
 
         A transport that does not go through virtio-serial overrides this whole.
         """
         args = ["-device", "virtio-serial-pci,id=%s" % bus]
-        for nr, port in enumerate(layout.port_names(), start=1):
-            cid = "vmt%s%d" % (layout.name.replace(".", "_").replace("-", "_")[:16], nr)
-            path = os.path.join(layout.path, port)
-            if "," in path:
-                raise VmtraceError("path %s contains ',', which QEMU options cannot carry" % path)
-            args += ["-chardev", self.chardev(cid, path)]
-            args += ["-device", "virtserialport,bus=%s.0,nr=%d,chardev=%s,name=%s" % (bus, nr, cid, port)]
+        for nr, port in enumerate(ports, start=1):
+            cid = "vmt%s%d" % (guest.replace(".", "_").replace("-", "_")[:16], nr)
+            if "," in port.path:
+                raise VmtraceError("path %s contains ',', which QEMU options cannot carry" % port.path)
+            args += ["-chardev", self.chardev(cid, port.path)]
+            args += ["-device", "virtserialport,bus=%s.0,nr=%d,chardev=%s,name=%s" % (bus, nr, cid, port.name)]
         return args
 
-    def libvirt_xml(self, layout: "GuestLayout") -> str:
+    def libvirt_xml(self, ports: Sequence[Port]) -> str:
         """``<channel>`` elements to paste into the domain's ``<devices>``."""
-        return "\n".join(self.channel(quoteattr(os.path.join(layout.path, port)), port)
-                         for port in layout.port_names()) + "\n"
+        return "\n".join(self.channel(quoteattr(port.path), port.name) for port in ports) + "\n"
 
     # -- recording -------------------------------------------------------------------------
-    def open_ports(self, layout: "GuestLayout", dfd: int) -> Ports:
-        """The guest's ports for one recording, from its checked directory ``dfd``."""
+    def open_ports(self, dfd: int, guest: str, ports: Sequence[Port], gid: int) -> Ports:
+        """``guest``'s ports for one recording, through its checked directory ``dfd``
+        (``gid``: the group QEMU runs as, for nodes made anew)."""
         raise NotImplementedError

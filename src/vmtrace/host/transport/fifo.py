@@ -9,14 +9,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from vmtrace.errors import VmtraceError
 from vmtrace.host.control import AgentLink
-from vmtrace.host.transport.base import Ports, Transport
-
-if TYPE_CHECKING:
-    from vmtrace.host.layout import GuestLayout
+from vmtrace.host.transport.base import Port, Ports, Transport, share_with_group
 
 
 class FifoTransport(Transport):
@@ -37,13 +34,10 @@ class FifoTransport(Transport):
         # O_NONBLOCK: opening a FIFO for reading must not wait for a writer; O_NOFOLLOW:
         # the name was checked above but could be swapped for a link in between.
         fd = os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-                raise VmtraceError("%s is not a FIFO" % shown)
-            os.fchown(fd, -1, gid)
-            os.fchmod(fd, 0o660)
-        finally:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             os.close(fd)
+            raise VmtraceError("%s is not a FIFO" % shown)
+        share_with_group(fd, gid)
 
     def chardev(self, cid: str, path: str) -> str:
         return "pipe,id=%s,path=%s" % (cid, path)
@@ -52,14 +46,15 @@ class FifoTransport(Transport):
         return ("<channel type='pipe'>\n  <source path=%s/>\n  <target type='virtio' name='%s'/>\n</channel>"
                 % (path_attr, port))
 
-    def open_ports(self, layout: "GuestLayout", dfd: int) -> Ports:
+    def open_ports(self, dfd: int, guest: str, ports: Sequence[Port], gid: int) -> Ports:
         """Everything at once: a FIFO is there before its writer, so nothing is waited for."""
-        link = open_link(layout.name, layout.ctl, dir_fd=dfd)
+        link = open_link(guest, next(p.path for p in ports if p.cpu is None), dir_fd=dfd)
         data: Dict[int, int] = {}
         try:
-            for cpu in range(layout.cpus):
-                leaf = os.path.basename(layout.cpu(cpu)) + ".out"
-                data[cpu] = open_port(dfd, leaf, os.O_RDONLY, layout.cpu(cpu) + ".out")
+            for port in ports:
+                if port.cpu is not None:
+                    leaf = os.path.basename(port.path) + ".out"
+                    data[port.cpu] = open_port(dfd, leaf, os.O_RDONLY, port.path + ".out")
         except BaseException:
             Ports(link, data).close()
             raise

@@ -13,16 +13,11 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from typing import TYPE_CHECKING, Dict
+from typing import Dict, Optional, Sequence
 
 from vmtrace.errors import VmtraceError
 from vmtrace.host.control import AgentLink
-from vmtrace.host.transport.base import Ports, Transport
-
-if TYPE_CHECKING:
-    from vmtrace.host.layout import GuestLayout
-
-CONTROL = -1  # the control port's key among a guest's listeners
+from vmtrace.host.transport.base import Port, Ports, Transport
 
 
 class UnixTransport(Transport):
@@ -46,27 +41,26 @@ class UnixTransport(Transport):
                 "    <reconnect enabled='yes' timeout='1'/>\n  </source>\n"
                 "  <target type='virtio' name='%s'/>\n</channel>" % (path_attr, port))
 
-    def open_ports(self, layout: "GuestLayout", dfd: int) -> Ports:
+    def open_ports(self, dfd: int, guest: str, ports: Sequence[Port], gid: int) -> Ports:
         """Listen on every port; QEMU (or an agent) connects later."""
-        listeners: Dict[int, socket.socket] = {}
+        listeners: Dict[Optional[int], socket.socket] = {}
         try:
-            listeners[CONTROL] = bind_socket(dfd, os.path.basename(layout.ctl), layout.gid, layout.ctl)
-            for cpu in range(layout.cpus):
-                path = layout.cpu(cpu)
-                listeners[cpu] = bind_socket(dfd, os.path.basename(path), layout.gid, path)
+            for port in ports:
+                listeners[port.cpu] = bind_socket(dfd, os.path.basename(port.path), gid, port.path)
         except BaseException:
             for lsock in listeners.values():
                 lsock.close()
             raise
         for lsock in listeners.values():
             lsock.setblocking(False)
-        return _Listening(layout.name, listeners)
+        return _Listening(guest, listeners)
 
 
 class _Listening(Ports):
-    """Listening sockets, each closed once its one connection is accepted."""
+    """Listening sockets by CPU (None: control), each closed once its one connection
+    is accepted."""
 
-    def __init__(self, name: str, listeners: Dict[int, socket.socket]):
+    def __init__(self, name: str, listeners: Dict[Optional[int], socket.socket]):
         super().__init__()
         self.name = name
         self.listeners = listeners
@@ -84,7 +78,7 @@ class _Listening(Ports):
             lsock.close()
             del self.listeners[key]
             conn.setblocking(False)
-            if key == CONTROL:
+            if key is None:
                 fd = conn.detach()
                 self._link = AgentLink(self.name, fd, fd, eof_before_writer=UnixTransport.eof_before_writer)
             else:
