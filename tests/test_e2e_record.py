@@ -5,7 +5,7 @@ uses): ports prepared by `host.layout.prepare`, the agent started in the guest, 
 workload held back until the recorder has started tracing. `trace-cmd report` is the
 oracle for what was written.
 
-The stall test cannot use `host.session.record`, which has no way to stop reading on
+The stall test cannot use `host.recording.record`, which has no way to stop reading on
 purpose; it drives the agent itself over the control FIFO with `host.control.AgentLink`
 (the framed protocol) and reads the data FIFOs with its own readers, which it pauses.
 """
