@@ -6,7 +6,7 @@ set -euo pipefail
 
 # Debian packages for the real parts: the guest kernel and userland, QEMU, and trace-cmd
 # as the decoding oracle. gcc builds vmtrace's own C workloads and reference collector
-# (src/vmtrace/bench/csrc/), static for the guest, so libc6-dev is needed too.
+# (src/vmtrace/lab/csrc/), static for the guest, so libc6-dev is needed too.
 PACKAGES=(
   qemu-system-x86 linux-image-cloud-amd64 busybox-static trace-cmd kernelshark
   gcc libc6-dev make cpio gzip python3-venv

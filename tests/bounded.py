@@ -55,8 +55,11 @@ def run_bounded(args: Sequence[str], *, timeout: float = 60.0, as_limit: int = D
     """Run ``python -m vmtrace ARGS`` (or ``args`` as given when its first word is a path)
     under ``RLIMIT_AS`` and ``timeout`` seconds; never raises on the command's result.
 
-    The child is reaped with ``wait4`` so that its own peak RSS is measured, not the
-    largest of all children this test process ever had.
+    Linux starts a child's peak RSS at its parent's size when it was forked (the copy
+    of the parent counts until exec), so a child forked from a test process that has
+    grown to 300 MB reports at least 300 MB whatever it used itself. The command is
+    therefore started by a small launcher (:data:`_LAUNCHER`) that forks it from its
+    own few megabytes, reaps it with ``wait4`` and writes its peak RSS to a file.
     """
     cmd = list(args)
     if not cmd or os.path.sep not in cmd[0]:
@@ -65,29 +68,57 @@ def run_bounded(args: Sequence[str], *, timeout: float = 60.0, as_limit: int = D
         if stdin is not None:
             fin.write(stdin)
             fin.seek(0)
+        rss_file = tempfile.NamedTemporaryFile(prefix="vmtrace-rss-", delete=False)
+        rss_file.close()
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdin=fin if stdin is not None else subprocess.DEVNULL, stdout=fout,
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, rss_file.name, *cmd],
+                                stdin=fin if stdin is not None else subprocess.DEVNULL, stdout=fout,
                                 stderr=ferr, env=dict(env) if env else None, cwd=cwd,
-                                preexec_fn=_limit(as_limit))
+                                preexec_fn=_limit(as_limit), start_new_session=True)
         fired = threading.Event()
 
         def kill() -> None:
             fired.set()
-            proc.kill()
+            try:
+                os.killpg(proc.pid, 9)       # the launcher and the command it started
+            except ProcessLookupError:
+                pass
 
         timer = threading.Timer(timeout, kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here, not by Popen
         wall = time.monotonic() - t0
+        try:
+            with open(rss_file.name) as f:
+                rss_kb = int(f.read() or 0)
+        finally:
+            os.unlink(rss_file.name)
         fout.seek(0)
         ferr.seek(0)
         out, err = fout.read(), ferr.read()
     return Bounded(cmd, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
-                   wall, usage.ru_maxrss, fired.is_set())
+                   wall, rss_kb, fired.is_set())
+
+
+# Forks and execs argv[2:], waits for it, writes its ru_maxrss (KiB) to argv[1] and exits
+# with its status. Run with -S so that it stays a few megabytes.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 def assert_clean_exit(res: Bounded, *, max_wall_s: Optional[float] = None,

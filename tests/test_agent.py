@@ -23,7 +23,7 @@ import pytest
 
 from agent_pages import walk
 from vmtrace import protocol as P
-from vmtrace.agent.stream import unpack_stream
+from vmtrace.format.stream import unpack_stream
 from vmtrace.tracefs import Tracefs
 
 pytestmark = pytest.mark.tracefs

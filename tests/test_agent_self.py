@@ -18,7 +18,7 @@ import pytest
 
 from test_agent import agent, finish, inst  # noqa: F401 - the fixture is used by name
 from vmtrace.agent import placement
-from vmtrace.bench import peers
+from vmtrace.lab import peers
 from vmtrace.tracefs import EVENT_NOTRACE_PID
 
 MARK = "vmtrace-test agent ready"

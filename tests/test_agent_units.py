@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmtrace.agent import placement, ports
-from vmtrace.agent.stream import STREAM_MAGIC, unpack_stream
+from vmtrace.format.stream import STREAM_MAGIC, unpack_stream
 from vmtrace.errors import FormatError, VmtraceError
 from vmtrace import protocol as P
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vmtrace.bench import peers
+from vmtrace.lab import peers
 from vmtrace.errors import VmtraceError
 from vmtrace.tracefs import Tracefs
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from vmtrace.bench import overhead, peers
+from vmtrace.bench import overhead
+from vmtrace.lab import peers
 
 
 def _allowed(pid: int) -> str:

@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 from vmtrace.cli import main as cli_main
-from vmtrace.demo import MARKER, _claim_outdir, parse_scores, SCORE
+from vmtrace.lab.demo import MARKER, _claim_outdir, parse_scores, SCORE
 from vmtrace.errors import VmtraceError
 
 VMTRACE = os.path.join(os.path.dirname(sys.executable), "vmtrace")

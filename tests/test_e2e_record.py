@@ -1,6 +1,6 @@
 """The recorder end to end: a real TCG guest, the real agent, real virtio-serial ports.
 
-Every test boots the lab image with `vmtrace.demo.AgentGuest` (the same wiring the demo
+Every test boots the lab image with `vmtrace.lab.demo.AgentGuest` (the same wiring the demo
 uses): ports prepared by `host.layout.prepare`, the agent started in the guest, the
 workload held back until the recorder has started tracing. `trace-cmd report` is the
 oracle for what was written.
@@ -27,7 +27,7 @@ import pytest
 
 from labguest import lab_image
 from vmtrace import protocol
-from vmtrace.demo import (AGENT_READY, TRACING, WORKLOAD_DONE, AgentGuest, guest_script,
+from vmtrace.lab.demo import (AGENT_READY, TRACING, WORKLOAD_DONE, AgentGuest, guest_script,
                           parse_scores, workload_command)
 
 pytestmark = [pytest.mark.vm, pytest.mark.oracle, pytest.mark.slow, pytest.mark.timeout(420)]

@@ -33,7 +33,7 @@ def _events(path) -> list:
 
 
 def test_recorder_restarts_on_a_running_guest_over_sockets(tmp_path):
-    from vmtrace.demo import AGENT_READY, guest_script
+    from vmtrace.lab.demo import AGENT_READY, guest_script
     from vmtrace.host.layout import prepare
     from vmtrace.host.recording import record
     from vmtrace.lab.qemu import Guest

@@ -1,6 +1,6 @@
 """A real session: the TCG lab guest and this host, recorded together and merged.
 
-The lab guest (2 vCPUs) boots with the agent (`vmtrace.demo.AgentGuest`, the demo's
+The lab guest (2 vCPUs) boots with the agent (`vmtrace.lab.demo.AgentGuest`, the demo's
 wiring); `host.recording.record` records it for a few seconds together with this machine's
 sched events (`host_events`), while the guest runs pingpong on vCPU 0 and intloop on
 vCPU 1. The guest traces with `mono` (and, in a second session, with `global`, its
@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 from labguest import lab_image
-from vmtrace import cli, merge
+from vmtrace import cli
+from vmtrace import session as merge
 
 pytestmark = [pytest.mark.vm, pytest.mark.tracefs, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -37,7 +38,7 @@ RECORD_S = 4.5
 
 
 def _record(tmp: Path, clock: str) -> Path:
-    from vmtrace.demo import AgentGuest, guest_script, workload_command
+    from vmtrace.lab.demo import AgentGuest, guest_script, workload_command
     from vmtrace.host.recording import record
 
     script = guest_script(workload_command(WORKLOAD_S, 2))
@@ -151,9 +152,9 @@ def test_guest_count_matches_trace_cmd(mono, merged):
 
 
 def test_chrome_json_has_one_track_per_cpu(mono, merged, tmp_path):
-    from vmtrace.export import perfetto
+    from vmtrace.export import chrome
 
-    path = perfetto.write_chrome_json(merged, str(tmp_path / "session.json"))
+    path = chrome.write_chrome_json(merged, str(tmp_path / "session.json"))
     doc = json.load(open(path))
     evs = doc["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "process_name"}
@@ -176,7 +177,7 @@ def test_session_parquet_reads_back_in_pyarrow_and_duckdb(mono, merged, tmp_path
     from vmtrace.export.session_parquet import write_session_parquet
 
     out = tmp_path / "pq"
-    files = write_session_parquet(merge.Session(str(mono)), str(out))
+    files = write_session_parquet(str(mono), str(out))
     assert files and (out / "_SUCCESS").exists()
     want = Counter(e.source for e in merged)
     table = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()

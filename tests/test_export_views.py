@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import test_merge_pseudosession as ps
-from vmtrace import merge
-from vmtrace.export import html, perfetto, timeline
+from vmtrace import session as merge
+from vmtrace.export import chrome, html, timeline
 
 pytestmark = [pytest.mark.tracefs, pytest.mark.oracle]
 
@@ -41,7 +41,7 @@ def test_timeline_model_matches_the_events(events):
 
 
 def test_chrome_json_reads_back(events, tmp_path):
-    path = perfetto.write_chrome_json(events, str(tmp_path / "trace.json"))
+    path = chrome.write_chrome_json(events, str(tmp_path / "trace.json"))
     doc = json.load(open(path))
     evs = doc["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "process_name"}
@@ -60,7 +60,7 @@ def test_chrome_json_reads_back(events, tmp_path):
     assert abs(span["guest1"][0] - span["host"][0]) < 1e6
     probe = next(e for e in inst if e["name"] == "print" and "vmtrace-probe" in e["args"]["buf"])
     assert probe["s"] == "t" and isinstance(probe["args"]["pid"], int)
-    assert perfetto.chrome_trace(events)["traceEvents"][0]["ph"] == "M"
+    assert chrome.chrome_trace(events)["traceEvents"][0]["ph"] == "M"
 
 
 def _not_blank(png: str) -> None:
@@ -75,7 +75,7 @@ def _not_blank(png: str) -> None:
 
 
 def test_png_timeline(events, tmp_path):
-    tl = timeline.write_timeline(events, str(tmp_path / "t.png"), str(tmp_path / "t.html"))
+    tl = html.write_timeline(events, str(tmp_path / "t.png"), str(tmp_path / "t.html"))
     assert len(tl.tracks) >= 2
     _not_blank(str(tmp_path / "t.png"))
     assert (tmp_path / "t.html").read_text().count("<script") == 2

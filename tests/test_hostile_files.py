@@ -161,7 +161,7 @@ def _fifo_after(name: str):
 def _stream(ncpus: int) -> Callable[[Path], Path]:
     def build(tmp: Path) -> Path:
         from vmtrace import protocol
-        from vmtrace.agent.stream import STREAM_MAGIC
+        from vmtrace.protocol import STREAM_MAGIC
         md, cpus, ps = hostile.base_parts()
         out = bytearray(STREAM_MAGIC)
         out += protocol.encode(protocol.pack_files(md))

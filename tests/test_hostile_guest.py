@@ -184,7 +184,7 @@ def assert_good_guest_complete(run: Run, fixture_report: List[str]) -> None:
     assert text.returncode == 0, text.stderr[-500:]
     assert _event_lines(text.stdout) == fixture_report
     assert len(g["probes"]) >= 1 and all(p[0] <= p[2] for p in g["probes"])
-    from vmtrace.merge import Session
+    from vmtrace.session import Session
 
     Session(str(run.out))  # session.json reads back through every check
 

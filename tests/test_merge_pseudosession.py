@@ -23,7 +23,7 @@ from typing import Iterable, NamedTuple
 import pytest
 
 import realtrace
-from vmtrace import merge
+from vmtrace import session as merge
 from vmtrace.clocksync import causality
 from vmtrace.tracefs import Tracefs
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import pytest
 
-from vmtrace import merge
+from vmtrace import session as merge
 from vmtrace.clocksync import causality
 
 OFFSET = 5_000_000_000_000

@@ -23,9 +23,10 @@ pb = pytest.importorskip("perfetto.protos.perfetto.trace.perfetto_trace_pb2")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import realtrace  # noqa: E402
-from vmtrace import api, merge  # noqa: E402
+from vmtrace import api  # noqa: E402
+from vmtrace import session as merge  # noqa: E402
 from vmtrace.errors import VmtraceError  # noqa: E402
-from vmtrace.export import perfetto_proto, protowire as pw  # noqa: E402
+from vmtrace.export import perfetto as perfetto_proto, protowire as pw  # noqa: E402
 
 VMTRACE = str(Path(sys.executable).with_name("vmtrace"))
 BOOTTIME = pb.BuiltinClock.Value("BUILTIN_CLOCK_BOOTTIME")

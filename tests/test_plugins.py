@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from vmtrace import api
-from vmtrace.commands.report import text_blocks
+from vmtrace.text import trace_blocks as text_blocks
 from vmtrace.format import plugins
 from vmtrace.format.events import EventCatalog
 from vmtrace.format.fastrender import FastReport

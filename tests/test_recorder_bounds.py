@@ -291,7 +291,7 @@ def _session(tmp_path, **guest):
     ({"clock": "mono\nx"}, "clock"), ({"file": "../x.dat"}, "inside the session"), ({"file": 5}, "inside"),
     ({"sync": {"method": "kvm", "vcpus": {"0": {"offset": 0, "frac_bits": 10 ** 9}}}}, "frac_bits")])
 def test_crafted_session_json_is_one_clear_error(tmp_path, guest, what):
-    from vmtrace.merge import Session
+    from vmtrace.session import Session
 
     text = json.dumps({"layout": "vmtrace-session", "version": 1, "guests": {"g1": dict(
         {"file": "g1.dat", "clock": "mono", "cpus": 2, "probes": [[1, 2, 3, 1]]}, **guest)}})
@@ -313,7 +313,7 @@ def test_check_cli_on_a_crafted_session_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_a_guest_without_a_trace_is_skipped(tmp_path):
-    from vmtrace.merge import Session
+    from vmtrace.session import Session
 
     _session(tmp_path)
     doc = json.loads((tmp_path / "session.json").read_text())
@@ -330,7 +330,7 @@ class _Ev:
 
 def test_marker_seq_is_ascii_digits_only(tmp_path):
     from vmtrace.clocksync import marker_seq
-    from vmtrace.merge import Session
+    from vmtrace.session import Session
 
     assert marker_seq({"seq": "\u00b2"}) is None and marker_seq({"seq": "12"}) == 12
     assert marker_seq({"seq": "1" * 40}) is None
@@ -341,7 +341,7 @@ def test_marker_seq_is_ascii_digits_only(tmp_path):
 
 
 def test_events_off_the_int64_scale_are_one_clear_error(tmp_path):
-    from vmtrace.merge import Session
+    from vmtrace.session import Session
 
     _session(tmp_path, probes=[[1, 2, 3, 1], [5, 6, 7, 2]])
     s = Session(str(tmp_path), reader=lambda p: [_Ev(1 << 64, "x")])

@@ -18,7 +18,7 @@ import pytest
 
 import realtrace
 from vmtrace import api
-from vmtrace.commands.report import text_blocks, text_lines
+from vmtrace.text import trace_blocks as text_blocks, trace_lines as text_lines
 from vmtrace.format.events import EventCatalog
 from vmtrace.format.fastargs import _conversions
 from vmtrace.format.fastrender import FastKallsyms

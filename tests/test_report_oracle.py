@@ -25,7 +25,7 @@ SYSTEMS = ["sched", "timer", "kmem", "irq", "workqueue", "raw_syscalls", "syscal
 
 
 def _ours(path: Path) -> list[str]:
-    from vmtrace.commands.report import text_lines
+    from vmtrace.text import trace_lines as text_lines
     from vmtrace import api
     with api.open(path) as t:
         return list(text_lines(t))

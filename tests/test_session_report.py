@@ -71,7 +71,51 @@ def test_html_page_is_written(session: Path, tmp_path: Path):
     assert "guest1" in text and (tmp_path / "s.txt").stat().st_size > 0
 
 
-def test_filters_on_a_session_are_a_one_line_error(session: Path):
-    rep = vmt("report", str(session), "--cpu", "0")
-    assert rep.returncode == 2 and "Traceback" not in rep.stderr
-    assert len(rep.stderr.strip().splitlines()) == 1 and "session" in rep.stderr
+def _lines(rep: subprocess.CompletedProcess) -> list:
+    assert rep.returncode == 0, rep.stderr
+    parsed = [LINE.match(l) for l in rep.stdout.splitlines()]
+    assert all(parsed), rep.stdout[:500]
+    return parsed
+
+
+def test_a_session_takes_the_options_a_trace_takes(session: Path):
+    """--cpu, --events, --source, --start/--end (host clock) and --stats select from a
+    session as they do from one trace: each selection is a subset of the whole, and
+    exactly the lines that match it."""
+    whole = _lines(vmt("report", str(session)))
+    key = lambda m: (m.group(1), int(m.group(2)), int(m.group(3)) * 10**9 + int(m.group(4)))  # noqa: E731
+    everything = [key(m) for m in whole]
+
+    cpu = everything[0][1]
+    one_cpu = [key(m) for m in _lines(vmt("report", str(session), "--cpu", str(cpu)))]
+    assert one_cpu and one_cpu == [k for k in everything if k[1] == cpu]
+
+    guest = [key(m) for m in _lines(vmt("report", str(session), "--source", "guest1"))]
+    assert guest and guest == [k for k in everything if k[0] == "guest1"]
+
+    ts = sorted(k[2] for k in everything)
+    lo, hi = ts[len(ts) // 4], ts[3 * len(ts) // 4]
+    window = [key(m) for m in _lines(vmt("report", str(session), "--start", "%d.%09d" % divmod(lo, 10**9),
+                                         "--end", "%d.%09d" % divmod(hi, 10**9)))]
+    assert window and window == [k for k in everything if lo <= k[2] <= hi]
+
+    prints = _lines(vmt("report", str(session), "--events", "ftrace:print"))
+    assert prints and all("tracing_mark_write" in m.string for m in prints)
+    assert len(prints) == sum(1 for m in whole if "tracing_mark_write" in m.string)
+
+    st = vmt("report", str(session), "--stats")
+    assert st.returncode == 0, st.stderr
+    totals = [int(line.split("│")[2]) for line in st.stdout.splitlines() if line.split("│")[1:2] == ["  all "]
+              or (len(line.split("│")) > 2 and line.split("│")[1].strip() == "all")]
+    counts = _own_counts(session)
+    assert totals == list(counts.values()), (totals, counts)      # one table per source, in order
+    assert all("%s, per CPU" % name in st.stdout for name in counts)
+
+
+def test_a_session_selection_that_names_nothing_is_one_line(session: Path):
+    for args, words in ((("--source", "nope"), "no source named nope"),
+                        (("--events", "nosuchsystem"), "no event of any source matches")):
+        rep = vmt("report", str(session), *args)
+        assert rep.returncode == 2 and "Traceback" not in rep.stderr, rep.stderr
+        lines = rep.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], lines

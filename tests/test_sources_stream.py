@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmtrace.agent.stream import unpack_stream
+from vmtrace.format.stream import unpack_stream
 from vmtrace.tracefs import Tracefs
 
 pytestmark = pytest.mark.tracefs

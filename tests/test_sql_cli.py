@@ -13,7 +13,8 @@ import pyarrow.dataset as ds
 import pytest
 
 import test_merge_pseudosession as ps
-from vmtrace import cli, merge
+from vmtrace import cli
+from vmtrace import session as merge
 from vmtrace.export import session_parquet
 
 pytestmark = [pytest.mark.tracefs, pytest.mark.oracle]
@@ -34,8 +35,9 @@ def session_dir(tmp_path_factory):
 
 
 def test_parquet_partitions_and_counts(session_dir, tmp_path):
-    s = merge.Session(str(session_dir), ps.reader)
-    files = session_parquet.write_session_parquet(s, str(tmp_path / "pq"))
+    src = merge.SessionSource(str(session_dir))
+    s = src.session
+    files = session_parquet.write_session_parquet(src, str(tmp_path / "pq"))
     assert (tmp_path / "pq" / "_SUCCESS").exists()
     parts = {(Path(f).parent.parent.name, Path(f).parent.name) for f in files}
     want = {("source=%s" % e.source, "cpu=%d" % e.cpu) for e in s.merged()}

@@ -64,7 +64,7 @@ def installed(tmp_path_factory):
 def test_wheel_carries_the_peer_sources(installed):
     env, cwd, _ = installed
     target = Path(env["PYTHONPATH"])
-    assert sorted(p.name for p in (target / "vmtrace" / "bench" / "csrc").glob("*.c")) == [
+    assert sorted(p.name for p in (target / "vmtrace" / "lab" / "csrc").glob("*.c")) == [
         "intloop.c", "pingpong.c", "seedlike-agent.c"]
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import realtrace
-from vmtrace import api, merge
-from vmtrace.export import html, perfetto, timeline
+from vmtrace import api
+from vmtrace import session as merge
+from vmtrace.export import chrome, html, timeline
 
 
 def _same(a: timeline.Timeline, b: timeline.Timeline) -> None:
@@ -58,7 +59,7 @@ def test_columns_equal_the_per_event_path(lossy_trace):
 @pytest.mark.tracefs
 @pytest.mark.oracle
 def test_views_draw_lost_events_and_the_legend(lossy_trace, tmp_path):
-    tl = timeline.write_timeline(str(lossy_trace), str(tmp_path / "t.png"), str(tmp_path / "t.html"))
+    tl = html.write_timeline(str(lossy_trace), str(tmp_path / "t.png"), str(tmp_path / "t.html"))
     page = (tmp_path / "t.html").read_text()
     data = json.loads(page.split('type="application/json">', 1)[1].split("</script>", 1)[0])
     assert sum(len(L["lost"]) // 2 for L in data["lanes"]) == len(tl.lost()[1])
@@ -109,7 +110,7 @@ def test_labels_legend_and_idle_on_synthetic_events(tmp_path):
     assert capped.lost()[1].tolist() == [500] and capped.instants_total == 3
     png = timeline.write_png(tl, str(tmp_path / "s.png"))
     assert os.path.getsize(png) > 1000
-    doc = perfetto.chrome_trace(_synthetic())
+    doc = chrome.chrome_trace(_synthetic())
     names = {e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
     assert names == {"host CPU 0", "guest guest1 vCPU 0", "guest guest1 vCPU 1"}
 
@@ -141,13 +142,13 @@ def test_trace_identity_from_session_json_and_hostname(tmp_path):
 
     (tmp_path / "session.json").write_text(json.dumps({"guests": {"vm7": {"file": "vm7.dat"}},
                                                        "host": {"file": "host.dat"}}))
-    assert timeline.trace_identity(T(str(tmp_path / "vm7.dat"), {})) == ("guest", "vm7")
-    assert timeline.trace_identity(T(str(tmp_path / "host.dat"), {})) == ("host", "host")
+    assert api.trace_identity(T(str(tmp_path / "vm7.dat"), {})) == ("guest", "vm7")
+    assert api.trace_identity(T(str(tmp_path / "host.dat"), {})) == ("host", "host")
     other = tmp_path / "x" / "t.dat"
-    assert timeline.trace_identity(T(str(other), {"hostname": "demo", "version": "vmtrace 0.1.0 (agent 0.1.0)"})) \
+    assert api.trace_identity(T(str(other), {"hostname": "demo", "version": "vmtrace 0.1.0 (agent 0.1.0)"})) \
         == ("guest", "demo")
-    assert timeline.trace_identity(T(str(other), {"hostname": "box"})) == ("trace", "box")
-    assert timeline.trace_identity(T(str(other), {})) == ("trace", "trace")
+    assert api.trace_identity(T(str(other), {"hostname": "box"})) == ("trace", "box")
+    assert api.trace_identity(T(str(other), {})) == ("trace", "trace")
 
 
 def test_small_trace_files_draw(data_dir, tmp_path):
@@ -157,5 +158,5 @@ def test_small_trace_files_draw(data_dir, tmp_path):
             b = timeline.model(tr, fields=True)
         _same(a, b)
         if a.tracks:
-            timeline.write_timeline(str(data_dir / name), str(tmp_path / (name + ".png")),
+            html.write_timeline(str(data_dir / name), str(tmp_path / (name + ".png")),
                                     str(tmp_path / (name + ".html")))

@@ -9,7 +9,6 @@ appear in the stream as :class:`LostEvents` where trace-cmd prints ``[EVENTS DRO
 from __future__ import annotations
 
 import builtins
-import heapq
 import os
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +17,8 @@ import numpy as np
 from vmtrace.errors import FormatError, VmtraceError
 from vmtrace.format.events import EventCatalog, EventFormat
 from vmtrace.format.metadata import TraceMetadata
+from vmtrace.merge import ordered
+from vmtrace.tables import arrow_column, base_schema, column_name, event_schema, sorted_table
 from vmtrace.format.ringbuffer import (EventBatch, PageLayout, decode_pages, iter_batches,
                                        layout_from_headers)
 
@@ -144,6 +145,50 @@ class Trace:
         self._endian = endian
         self._common = _common_layout(self.catalog, endian)
         self.problems: List[Tuple[int, Any]] = []
+
+    # -- the Source interface (vmtrace.source) -----------------------------------------
+    @property
+    def kind(self) -> str:
+        """``trace.dat``, ``raw`` or ``stream``: what was opened."""
+        return getattr(self.source, "kind", None) or (
+            "raw" if type(self.source).__name__ == "RawDir" else "trace.dat")
+
+    @property
+    def clock(self) -> str:
+        return str((self.source.options or {}).get("clock") or "local")
+
+    @property
+    def identity(self) -> Tuple[str, str]:
+        """(role, label): ``("guest", NAME)``, ``("host", "host")`` or ``("trace", HOSTNAME)``;
+        see :func:`trace_identity`."""
+        return trace_identity(self)
+
+    def members(self) -> List["Trace"]:
+        return [self]
+
+    def source_names(self) -> List[str]:
+        return [self.identity[1]]
+
+    def _selected(self, sources: Optional[Sequence[str]]) -> bool:
+        return sources is None or self.identity[1] in sources
+
+    def check_selection(self, *, events: Optional[Sequence[str]] = None, cpus: Any = None,
+                        sources: Optional[Sequence[str]] = None, start: Time = None, end: Time = None) -> None:
+        """Refuse a selection that names nothing in this trace (one line, exit 2)."""
+        if events and not self.catalog.match(list(events)):
+            raise VmtraceError(f"{self.name}: no event matches --events {','.join(events)!r}")
+        if sources is not None and not self._selected(sources):
+            raise VmtraceError(f"{self.name}: no source named {', '.join(sources)} (this trace is "
+                               f"{self.identity[1]!r})")
+
+    def text_blocks(self, *, events: Optional[Sequence[str]] = None, cpus: Optional[Iterable[int]] = None,
+                    sources: Optional[Sequence[str]] = None, start: Time = None, end: Time = None,
+                    fast: bool = True) -> Iterator[bytes]:
+        """What ``trace-cmd report`` prints for this trace, in UTF-8 blocks of lines."""
+        from vmtrace.text import trace_blocks
+        if not self._selected(sources):
+            return iter(())
+        return trace_blocks(self, cpus=cpus, events=events, start=_ns(start), end=_ns(end), fast=fast)
 
     # -- plumbing --------------------------------------------------------------------
     def close(self) -> None:
@@ -295,23 +340,20 @@ class Trace:
 
     def events(self, cpus: Optional[Iterable[int]] = None, events: Optional[Sequence[str]] = None,
                start: Time = None, end: Time = None,
-               buffer: Optional[str] = None) -> Iterator[Union[Event, LostEvents]]:
+               buffer: Optional[str] = None, sources: Optional[Sequence[str]] = None) -> Iterator[Union[Event, LostEvents]]:
         """Events (and :class:`LostEvents` markers) of all CPUs, in timestamp order.
 
         ``events`` takes "system", "system:name", a bare name or globs; ``start`` and
         ``end`` are inclusive trace-clock integers (a float is seconds).
         """
+        if not self._selected(sources):
+            return
         want = set(cpus) if cpus is not None else None
         ids = self._ids(events)
         s, e = _ns(start), _ns(end)
         streams = [self._cpu_events(c, buffer, ids, s, e) for c in self.cpus(buffer)
                    if want is None or c in want]
-        if len(streams) == 1:
-            for item in streams[0]:
-                yield item[3]
-            return
-        for item in heapq.merge(*streams, key=lambda t: (t[0], t[1], t[2])):
-            yield item[3]
+        yield from ordered(streams)
 
     # -- tables ----------------------------------------------------------------------
     def _names_for(self, type_ids: np.ndarray) -> Tuple[np.ndarray, List[str]]:
@@ -327,16 +369,18 @@ class Trace:
         return inv.reshape(-1), [self.metadata.comm(int(p)) for p in uniq.tolist()]
 
     def table(self, cpus: Optional[Iterable[int]] = None, events: Optional[Sequence[str]] = None,
-              start: Time = None, end: Time = None, buffer: Optional[str] = None) -> Any:
+              start: Time = None, end: Time = None, buffer: Optional[str] = None,
+              sources: Optional[Sequence[str]] = None) -> Any:
         """All selected events as a pyarrow Table: ts, cpu, pid, comm, event (time order)."""
-        import pyarrow as pa
         parts = []
+        if not self._selected(sources):
+            return base_schema().empty_table()
         for cpu, batch, keep in self._batches_selected(cpus, events, start, end, buffer):
             sel = np.nonzero(keep)[0]
             if not sel.size:
                 continue
             parts.append(self._base_columns(cpu, batch, sel))
-        return _sorted_table(parts, _base_schema())
+        return sorted_table(parts, base_schema())
 
     def _batches_selected(self, cpus, events, start, end, buffer):
         want = set(cpus) if cpus is not None else None
@@ -374,7 +418,7 @@ class Trace:
         if fmt is None:
             raise VmtraceError(f"{self.name}: no event {event!r} in this trace")
         parts = [cols for _, cols in self.event_parts([fmt.full_name], cpus, start, end, buffer)]
-        return _sorted_table(parts, event_schema(fmt))
+        return sorted_table(parts, event_schema(fmt))
 
     def event_parts(self, events: Optional[Sequence[str]] = None,
                     cpus: Optional[Iterable[int]] = None, start: Time = None, end: Time = None,
@@ -397,33 +441,46 @@ class Trace:
                 del cols["event"]
                 fields = fmt.columns(batch, sel, keep_going=self.keep_going)
                 for f in fmt.event_fields:
-                    cols[_column_name(f.name)] = _arrow_column(fields[f.name], f)
+                    cols[column_name(f.name)] = arrow_column(fields[f.name], f)
                 yield fmt, cols
 
     # -- counts ----------------------------------------------------------------------
-    def stats(self, buffer: Optional[str] = None) -> Dict[str, Any]:
-        """Per-CPU and per-event counts, lost events and skipped (corrupt) pages."""
+    def stats(self, buffer: Optional[str] = None, *, cpus: Optional[Iterable[int]] = None,
+              events: Optional[Sequence[str]] = None, start: Time = None, end: Time = None,
+              sources: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """Per-CPU and per-event counts, lost events and skipped (corrupt) pages, of the
+        selection (a lost-events marker counts when its CPU and time are selected)."""
         per_cpu: Dict[int, Dict[str, Any]] = {}
         per_event: Dict[str, int] = {}
         counts = np.zeros(1 << 16, np.int64)
-        for cpu in self.cpus(buffer):
+        want = set(cpus) if cpus is not None else None
+        ids = self._ids(events)
+        s, e = _ns(start), _ns(end)
+        for cpu in self.cpus(buffer) if self._selected(sources) else []:
+            if want is not None and cpu not in want:
+                continue
             st = per_cpu[cpu] = {"events": 0, "pages": 0, "lost": 0, "lost_unknown": 0,
                                  "problems": 0, "first_ts": None, "last_ts": None}
             for batch in self.batches(cpu, buffer):
-                n = len(batch)
+                keep = self._select(batch, ids, s, e)
+                tids = batch.type_id[keep]
+                ts = batch.ts[keep]
+                n = len(tids)
                 st["events"] += n
                 st["pages"] += batch.pages
                 st["problems"] += len(batch.problems)
                 for m in batch.lost:
+                    if not self._in_range(m.ts, s, e):
+                        continue
                     if m.count >= 0:
                         st["lost"] += m.count
                     else:
                         st["lost_unknown"] += 1
                 if n:
-                    counts += np.bincount(batch.type_id, minlength=1 << 16)
+                    counts += np.bincount(tids, minlength=1 << 16)
                     if st["first_ts"] is None:
-                        st["first_ts"] = int(batch.ts[0])
-                    st["last_ts"] = int(batch.ts[-1])
+                        st["first_ts"] = int(ts[0])
+                    st["last_ts"] = int(ts[-1])
         for t in np.nonzero(counts)[0].tolist():
             f = self.catalog.get(t)
             per_event[f.full_name if f else f"unknown:{t}"] = int(counts[t])
@@ -434,6 +491,34 @@ class Trace:
             "cpus": per_cpu,
             "per_event": dict(sorted(per_event.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
+
+
+def trace_identity(trace: Any) -> Tuple[str, str]:
+    """(role, name) of a single trace: the session.json beside the file names it (a
+    guest's name, or the host); else the hostname in the trace, a guest if the vmtrace
+    agent recorded it; else ("trace", "trace"). Used to label machines and tracks."""
+    import json
+    path = str(getattr(getattr(trace, "source", None), "path", "") or getattr(trace, "name", "") or "")
+    if path:
+        sj = os.path.join(os.path.dirname(os.path.abspath(path)), "session.json")
+        try:
+            with builtins.open(sj, encoding="utf-8") as f:
+                doc = json.load(f)
+            base = os.path.basename(path)
+            for gname, g in (doc.get("guests") or {}).items():
+                if isinstance(g, dict) and g.get("file") == base:
+                    return ("guest", str(gname))
+            if (doc.get("host") or {}).get("file") == base:
+                return ("host", "host")
+        except (OSError, ValueError, AttributeError):
+            pass
+    opts = getattr(getattr(trace, "source", None), "options", None) or {}
+    host = opts.get("hostname")
+    if "agent" in str(opts.get("version", "")):
+        return ("guest", str(host or "guest"))
+    if host:
+        return ("trace", str(host))
+    return ("trace", "trace")
 
 
 def _layout(source: Any, name: str) -> PageLayout:
@@ -451,73 +536,3 @@ def _common_layout(catalog: EventCatalog, endian: str) -> Dict[str, Tuple[int, i
         if fmt and fmt.field("common_pid") is not None:
             return {f.name: (f.offset, f.size) for f in fmt.common_fields}
     return {"common_pid": (4, 4)}
-
-
-def _base_schema() -> Any:
-    import pyarrow as pa
-    return pa.schema([("ts", pa.uint64()), ("cpu", pa.uint16()), ("pid", pa.int32()),
-                      ("comm", pa.dictionary(pa.int32(), pa.string())),
-                      ("event", pa.dictionary(pa.int32(), pa.string()))])
-
-
-def _arrow_type(f: Any) -> Any:
-    import pyarrow as pa
-    from vmtrace.format import events as ev
-    if f.is_string:
-        return pa.string()
-    ints = {(1, True): pa.int8(), (1, False): pa.uint8(), (2, True): pa.int16(),
-            (2, False): pa.uint16(), (4, True): pa.int32(), (4, False): pa.uint32(),
-            (8, True): pa.int64(), (8, False): pa.uint64()}
-    if f.kind == ev.SCALAR:
-        return ints.get((f.size, f.signed), pa.binary())
-    elem = ints.get((f.elem_size, f.signed), pa.int64())
-    if f.kind == ev.ARRAY and f.elem_size in (1, 2, 4, 8):
-        return pa.list_(elem, f.count)
-    return pa.list_(elem)
-
-
-def _arrow_column(values: np.ndarray, f: Any) -> Any:
-    import pyarrow as pa
-    from vmtrace.format import events as ev
-    typ = _arrow_type(f)
-    if f.kind == ev.ARRAY and f.elem_size in (1, 2, 4, 8):
-        flat = pa.array(np.ascontiguousarray(values).reshape(-1), typ.value_type)
-        return pa.FixedSizeListArray.from_arrays(flat, f.count)
-    if f.kind == ev.SCALAR and values.dtype != object:
-        return pa.array(values, typ)
-    if f.kind == ev.SCALAR:
-        return pa.array([None if v is None else bytes(v) if not isinstance(v, int) else
-                         v.to_bytes(max(f.size, 1), "little", signed=f.signed)
-                         for v in values.tolist()], typ)
-    return pa.array(values.tolist(), typ)
-
-
-_BASE_NAMES = ("ts", "cpu", "pid", "comm", "event")
-
-
-def _column_name(field_name: str) -> str:
-    """An event field named like a base column ("cpu" of workqueue events) gets a prefix."""
-    return f"field_{field_name}" if field_name in _BASE_NAMES else field_name
-
-
-def event_schema(fmt: EventFormat) -> Any:
-    """The arrow schema of :meth:`Trace.event_table` for ``fmt``."""
-    import pyarrow as pa
-    base = _base_schema()
-    fields = [base.field(n) for n in ("ts", "cpu", "pid", "comm")]
-    fields += [pa.field(_column_name(f.name), _arrow_type(f)) for f in fmt.event_fields]
-    return pa.schema(fields, metadata={b"event": fmt.full_name.encode()})
-
-
-def _sorted_table(parts: List[Dict[str, Any]], schema: Any) -> Any:
-    """Concatenate per-CPU chunks and order them like trace-cmd: by ts, then CPU."""
-    import pyarrow as pa
-    if not parts:
-        return schema.empty_table()
-    tables = [pa.table(p, schema=schema) for p in parts]
-    t = pa.concat_tables(tables).unify_dictionaries() if len(tables) > 1 else tables[0]
-    if len(tables) > 1:
-        ts = np.concatenate([p["ts"].to_numpy() for p in parts])
-        cpu = np.concatenate([p["cpu"].to_numpy() for p in parts])
-        t = t.take(pa.array(np.lexsort((cpu, ts))))
-    return t

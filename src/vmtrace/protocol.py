@@ -86,6 +86,20 @@ METADATA_NAME = re.compile(
 )
 
 
+def metadata_name_ok(name: Any) -> bool:
+    """The one rule for a metadata file's name, wherever one is read or written (the
+    protocol, the ``-o`` stream, raw directories): the pattern above, and no ``.`` or
+    ``..`` component, which the pattern alone would let through as an event name."""
+    return (isinstance(name, str) and METADATA_NAME.match(name) is not None
+            and not any(part in (".", "..") for part in name.split("/")))
+
+
+# The agent's ``-o`` stream: this line, then frames as on the control port (docs/agent.md).
+STREAM_MAGIC = b"VMTRACE-STREAM 1\n"
+# A stream names its CPUs; past this it is not a machine's (the unpacker opens a file per CPU).
+STREAM_MAX_CPU = 4096
+
+
 class ProtocolError(FormatError):
     """A frame or order that does not parse; the stream offset says where."""
 
@@ -477,7 +491,7 @@ def pack_files(files: Mapping[str, bytes], **fields: Any) -> Message:
     index = []
     parts = []
     for name in sorted(files):
-        if not METADATA_NAME.match(name):
+        if not metadata_name_ok(name):
             raise ProtocolError("metadata name %r not allowed" % name)
         data = bytes(files[name])
         index.append([name, len(data)])
@@ -509,7 +523,7 @@ def unpack_files(msg: Message) -> Dict[str, bytes]:
         ):
             raise ProtocolError("metadata entry %s is not [name, size]" % _short(entry))
         name, size = entry
-        if len(name) > MAX_NAME or not METADATA_NAME.match(name):
+        if len(name) > MAX_NAME or not metadata_name_ok(name):
             raise ProtocolError("metadata name %r not allowed" % name[:80])
         if pos + size > len(msg.blob):
             raise ProtocolError("metadata %s overruns the blob (%d + %d > %d)" % (name, pos, size, len(msg.blob)))

@@ -36,8 +36,8 @@ def open_source(path: str | os.PathLike) -> TraceSource:
             head = f.read(32)
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror}", source=p) from None
-    if head.startswith(b"VMTRACE-STREAM "):  # checked before importing the agent's modules
-        from vmtrace.agent.stream import STREAM_MAGIC
+    if head.startswith(b"VMTRACE-STREAM "):
+        from vmtrace.protocol import STREAM_MAGIC
         if head.startswith(STREAM_MAGIC):
             return _open_stream(p)
         raise FormatError("unsupported vmtrace -o stream version", source=p, offset=0)
@@ -59,8 +59,8 @@ def _open_stream(path: str) -> TraceSource:
     import shutil
     import tempfile
 
-    from vmtrace.agent.stream import MAX_CPU as STREAM_MAX_CPU, unpack_stream
     from vmtrace.format.rawdir import RawDir
+    from vmtrace.format.stream import MAX_CPU as STREAM_MAX_CPU, unpack_stream
 
     tmp = tempfile.mkdtemp(prefix="vmtrace-stream-")
     try:
@@ -75,6 +75,7 @@ def _open_stream(path: str) -> TraceSource:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     src.path = path
+    src.kind = "stream"
     close = src.close
 
     def close_and_remove() -> None:

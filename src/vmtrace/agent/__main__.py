@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.export:
-            from vmtrace.agent.export import export
+            from vmtrace.agent.zipapp import export
 
             path = export(args.export)
             print("vmtrace-agent: wrote %s (run it with: python3 %s [options])" % (path, os.path.basename(path)),

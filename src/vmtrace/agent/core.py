@@ -5,6 +5,11 @@ one pump thread per traced CPU moves pages. Every way out (stop order, ``bye``,
 SIGINT, SIGTERM, --duration) goes through the same path: stop the pumps (they flush the
 last partial pages), restore the tracefs settings a ``configure`` changed, write the
 final stats, print one summary line, exit 0.
+
+Why one module of this size: the Agent is one state machine (set up, configure, start,
+stop, host gone, exit) whose steps share its lock, its counters and its undo logs; the
+parts that stand alone already live beside it (pumps, placement, the configure recipe,
+the self-filter, ports, the control channel, the stream).
 """
 from __future__ import annotations
 

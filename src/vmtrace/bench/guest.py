@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional
 
 from vmtrace.bench import collectors as coll
 from vmtrace.bench import overhead as ov
-from vmtrace.bench import peers
+from vmtrace.lab import peers
 from vmtrace.errors import VmtraceError
 
 TAG = "VMTRACE-BENCH"

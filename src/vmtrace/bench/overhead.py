@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from vmtrace.bench import collectors as coll
-from vmtrace.bench import peers, stats
+from vmtrace.bench import stats
+from vmtrace.lab import peers
 from vmtrace.bench.ownshare import own_share
 from vmtrace.errors import VmtraceError
 from vmtrace.tracefs import CpuStats, Tracefs

@@ -12,6 +12,12 @@ interface and one module per method:
   TSC offset and scaling KVM programs into the vCPU, read from debugfs and followed
   through ``kvm_write_tsc_offset`` events.
 
+The methods are a table, like the codecs of :mod:`vmtrace.format.compress`:
+:data:`METHODS` names each method's module, and every module has
+``build(session, name) -> (ClockMap, SyncReport)``. A guest's entry in session.json
+says which method its recorder prepared for (``sync.method``); without one the probe
+fit is used. Adding a method is one module and one line here (docs/internals.md).
+
 Every method returns a :class:`ClockMap`. A map must be monotonic (non-decreasing) so
 that mapping a guest's time-ordered events keeps them in order, which lets the merge
 stream events instead of sorting them.
@@ -30,7 +36,25 @@ import numpy as np
 
 from vmtrace.errors import VmtraceError
 
-__all__ = ["ClockMap", "IdentityMap", "PiecewiseOffsetMap", "SyncReport", "VmtraceError", "marker_seq"]
+__all__ = ["ClockMap", "IdentityMap", "PiecewiseOffsetMap", "SyncReport", "VmtraceError", "marker_seq",
+           "METHODS", "DEFAULT_METHOD", "build_map"]
+
+# name -> module with build(session, name); session.json's sync.method picks one.
+METHODS = {
+    "kvm": "vmtrace.clocksync.kvm",
+    "ptp": "vmtrace.clocksync.ptp",
+}
+DEFAULT_METHOD = "ptp"
+
+
+def build_map(session: object, name: str, method: Optional[str] = None) -> "tuple":
+    """(ClockMap, SyncReport) for guest ``name`` of an analysis session, by ``method``
+    (default: the guest's ``sync.method`` in session.json, else :data:`DEFAULT_METHOD`)."""
+    import importlib
+    method = method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise VmtraceError("guest %s: unknown clock sync method %r (have: %s)" % (name, method, ", ".join(METHODS)))
+    return importlib.import_module(METHODS[method]).build(session, name)
 
 # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses, and
 # a marker's text is written by the guest.

@@ -72,7 +72,7 @@ def _within(source: str, what: str, mapped: int, lo: int, hi: int, gc: GuestChec
 
 def check_guest(session, name: str, cmap: Optional[ClockMap] = None, *, skew_ns: int = 0,
                 holdout: bool = False) -> GuestCheck:
-    """Check one guest of a :class:`vmtrace.merge.Session`."""
+    """Check one guest of a :class:`vmtrace.session.Session`."""
     gc = GuestCheck(name)
     pairs = session.probe_markers(name)
     if holdout:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -234,3 +234,10 @@ def from_session(cfg: dict) -> KvmTscMap:
         raise VmtraceError("session.json: bad kvm sync section (%s)" % exc)
     changes.sort(key=lambda c: c.host_tsc)
     return KvmTscMap(vcpus, changes, conv)
+
+
+def build(session: Any, name: str) -> Tuple["KvmTscMap", Any]:
+    """The method's entry in :data:`vmtrace.clocksync.METHODS`: exact, from the KVM TSC
+    offsets and scalings the recorder read (session.json ``sync``)."""
+    from vmtrace.clocksync import SyncReport
+    return from_session(session.source(name).sync), SyncReport(method="kvm", notes=["exact: KVM TSC offset/scaling"])

@@ -15,7 +15,7 @@ instead of being averaged away.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Tuple
+from typing import Any, Iterable, Sequence, Tuple
 
 import numpy as np
 
@@ -199,3 +199,9 @@ def _windows(mid: np.ndarray, window_ns: int, min_probes: int) -> list:
         else:
             out.append((start, n))
     return out
+
+
+def build(session: Any, name: str) -> Tuple[Any, Any]:
+    """The method's entry in :data:`vmtrace.clocksync.METHODS`: a fit of the guest's
+    time probes (their trace_marker timestamps where the trace has them)."""
+    return fit(session.fit_probes(name))

@@ -32,7 +32,7 @@ def command(session_dir: str, guests: tuple, skew_ns: int, holdout: bool, as_jso
     """Verify that every probe's guest marker (and every start/stop) lies between the
     host's send and receipt on the merged timeline."""
     from vmtrace.clocksync import causality
-    from vmtrace.merge import Session
+    from vmtrace.session import Session
 
     s = Session(session_dir)
     names = list(guests) or s.guests

@@ -1,6 +1,6 @@
 """`vmtrace demo`: boot a real guest, trace it, and show what came out.
 
-Thin on purpose: the steps live in :mod:`vmtrace.demo`; this module shows progress while
+Thin on purpose: the steps live in :mod:`vmtrace.lab.demo`; this module shows progress while
 they run and draws the result (tables, the first report lines, where the files are and
 the commands that open them).
 """
@@ -173,7 +173,7 @@ def command(seconds: float, outdir: str, host_events: Optional[str], smp: int, a
     """Boot a real guest, record its ftrace events through the agent, and show the result."""
     from rich.console import Console
 
-    from vmtrace.demo import DemoOptions, run_demo
+    from vmtrace.lab.demo import DemoOptions, run_demo
 
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     err = Console(stderr=True, highlight=False)

@@ -38,9 +38,9 @@ def _stale(session_dir: str, pq_dir: str) -> bool:
 def parquet_for(session_dir: str, out: str | None = None, refresh: bool = False) -> str:
     """The session's Parquet directory, (re)built when missing or stale."""
     from vmtrace.export.session_parquet import write_session_parquet
-    from vmtrace.merge import Session
+    from vmtrace.session import SessionSource
 
-    s = Session(session_dir)          # validates the directory before anything is written
+    s = SessionSource(session_dir)    # validates the directory before anything is written
     target = out or os.path.join(session_dir, "parquet")
     if out is None and not os.access(session_dir, os.W_OK):
         key = hashlib.sha1(os.path.abspath(session_dir).encode()).hexdigest()[:16]
@@ -51,8 +51,9 @@ def parquet_for(session_dir: str, out: str | None = None, refresh: bool = False)
             scratch = tempfile.mkdtemp(prefix="vmtrace-sql-")   # 0700: the export below is private
             atexit.register(shutil.rmtree, scratch, True)
             target = os.path.join(scratch, "parquet")
-    if refresh or _stale(session_dir, target):
-        write_session_parquet(s, target)
+    with s:
+        if refresh or _stale(session_dir, target):
+            write_session_parquet(s, target)
     return target
 
 

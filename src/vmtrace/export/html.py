@@ -17,18 +17,30 @@ from __future__ import annotations
 import html as _html
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Optional
 
 import numpy as np
 
-from vmtrace.export.timeline import LOST_COLOR, Timeline, model
+from vmtrace.export import Export
+from vmtrace.export.timeline import LOST_COLOR, Timeline, model, write_png
 
 MAX_INSTANTS = 20_000       # keeps pages for long traces small enough to open
 
 
-def write_html(events: Iterable[Any], path: str, *, title: str = "vmtrace timeline") -> str:
-    """Write the timeline of ``events`` (a session dir, trace, or events) to ``path``."""
-    tl = model(events, max_instants=None)
+FORMAT = Export("html", "a self-contained timeline page (one lane per host CPU and guest vCPU)",
+                needs_file=True)
+
+
+def write(source: Any, out: str, selection: Any) -> Optional[str]:
+    """The registry's entry: the timeline page of the selection of ``source``."""
+    what = "session " if source.kind == "session" else ""
+    write_html(source, out, title="vmtrace %s%s" % (what, source.name), selection=selection)
+    return "wrote the timeline page %s" % out
+
+
+def write_html(events: Any, path: str, *, title: str = "vmtrace timeline", selection: Any = None) -> str:
+    """Write the timeline of ``events`` (a path, a Source, or events) to ``path``."""
+    tl = model(events, max_instants=None, selection=selection)
     return write_timeline_html(tl, path, title=title)
 
 
@@ -279,3 +291,16 @@ size(); draw();
 </script>
 </body></html>
 """
+
+
+def write_timeline(x: Any, png_path: Optional[str] = None,
+                   html_path: Optional[str] = None, *, title: str = "vmtrace timeline",
+                   selection: Any = None) -> Timeline:
+    """Write the per-CPU scheduling timeline of a path, Source or events as PNG and/or a
+    self-contained HTML page."""
+    tl = model(x, selection=selection)
+    if png_path:
+        write_png(tl, png_path, title=title)
+    if html_path:
+        write_timeline_html(tl, html_path, title=title)
+    return tl

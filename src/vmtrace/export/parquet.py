@@ -14,7 +14,12 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-__all__ = ["write_parquet", "write_partitioned"]
+from vmtrace.export import Export
+
+__all__ = ["write_parquet", "write_partitioned", "write"]
+
+FORMAT = Export("parquet", "one Parquet file of all events (a session: a directory partitioned by "
+                "source and CPU, for DuckDB and Spark)", needs_file=True)
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
 
@@ -22,14 +27,14 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
 def write_parquet(trace: Any, path: Union[str, os.PathLike], *,
                   cpus: Optional[Iterable[int]] = None, events: Optional[Sequence[str]] = None,
                   start: Any = None, end: Any = None, buffer: Optional[str] = None,
-                  compression: str = "zstd") -> int:
+                  compression: str = "zstd", sources: Optional[Sequence[str]] = None) -> int:
     """All selected events as one Parquet file, sorted by (ts, cpu); returns the row count.
 
     Sorting needs the whole table, so this holds one table of five narrow columns
     (about 20 bytes per event); use :func:`write_partitioned` for per-event fields.
     """
     import pyarrow.parquet as pq
-    table = trace.table(cpus=cpus, events=events, start=start, end=end, buffer=buffer)
+    table = trace.table(cpus=cpus, events=events, start=start, end=end, buffer=buffer, sources=sources)
     pq.write_table(table, os.fspath(path), compression=compression)
     return table.num_rows
 
@@ -46,7 +51,7 @@ def write_partitioned(trace: Any, directory: Union[str, os.PathLike], *,
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from vmtrace.api import event_schema
+    from vmtrace.tables import event_schema
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     writers: Dict[str, Any] = {}
@@ -83,3 +88,13 @@ def write_partitioned(trace: Any, directory: Union[str, os.PathLike], *,
         for w in writers.values():
             w.close()
     return dict(sorted(rows.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def write(source: Any, out: str, selection: Any) -> Optional[str]:
+    """The registry's entry: one file for a trace, a partitioned directory for a session."""
+    if source.kind == "session":
+        from vmtrace.export.session_parquet import write_session_parquet
+        files = write_session_parquet(source, out, selection=selection)
+        return "wrote %d Parquet file%s under %s" % (len(files), "" if len(files) == 1 else "s", out)
+    write_parquet(source, out, **selection.kwargs())
+    return None

@@ -73,23 +73,34 @@ class _Part:
         return path
 
 
-def write_session_parquet(session: Any, out_dir: str, *, rows_per_file: int = ROWS_PER_FILE) -> List[str]:
-    """Write every source's events (on the host clock) under ``out_dir``; return files.
+def write_session_parquet(session: Any, out_dir: str, *, rows_per_file: int = ROWS_PER_FILE,
+                          selection: Any = None) -> List[str]:
+    """Write every selected source's events (on the host clock) under ``out_dir``; return
+    the files.
 
-    ``session`` is a session directory or a :class:`vmtrace.merge.Session`. The output
-    directory is replaced as a whole, and ``_SUCCESS`` is written last so readers (and
-    ``vmtrace sql``'s cache) never take a half-written export for a complete one.
+    ``session`` is a session directory or a :class:`vmtrace.session.SessionSource`. The
+    output directory is replaced as a whole, and ``_SUCCESS`` is written last so readers
+    (and ``vmtrace sql``'s cache) never take a half-written export for a complete one.
     """
-    from vmtrace.merge import Session
-    s = session if isinstance(session, Session) else Session(os.fspath(session))
+    from vmtrace.session import SessionSource
+    from vmtrace.source import EVERYTHING
+    if isinstance(session, SessionSource):
+        return _write(session, out_dir, rows_per_file, selection or EVERYTHING)
+    with SessionSource(os.fspath(session)) as src:
+        return _write(src, out_dir, rows_per_file, selection or EVERYTHING)
+
+
+def _write(src: Any, out_dir: str, rows_per_file: int, selection: Any) -> List[str]:
     out_dir = os.fspath(out_dir)
     tmp = out_dir.rstrip("/") + ".writing"
     shutil.rmtree(tmp, ignore_errors=True)
     files: List[str] = []
     try:
-        for name in s.sources:
+        sel = selection.kwargs()
+        names = sel.pop("sources") or src.source_names()
+        for name in [n for n in src.source_names() if n in names]:
             parts: Dict[int, _Part] = {}
-            for e in s.events(name):
+            for e in src.events(sources=[name], **sel):
                 p = parts.get(e.cpu)
                 if p is None:
                     p = parts[e.cpu] = _Part()

@@ -11,7 +11,7 @@ The model is columnar (numpy arrays). It is built two ways:
 * from a trace (a path, or a :class:`vmtrace.api.Trace`): from columns,
   ``event_table("sched:sched_switch")`` for the slices and ``table()`` for the
   instants, without making one Python object per event (:func:`from_trace`);
-* from events (vmtrace.merge.MergedEvent of a session, with ``source``, or
+* from events (vmtrace.session.MergedEvent of a session, with ``source``, or
   vmtrace.api Event objects): one event at a time (:func:`build`); anything with ts,
   cpu, pid, comm, a name and fields works.
 
@@ -21,7 +21,6 @@ drawn grey as "other".
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -325,36 +324,9 @@ def build(events: Iterable[Any], *, max_instants: Optional[int] = None,
     return tl
 
 
-def trace_identity(trace: Any) -> Tuple[str, str]:
-    """(kind, name) of a single trace: the session.json beside the file names it
-    (a guest's name, or the host); else the hostname in the trace, a guest if the
-    vmtrace agent recorded it; else ("trace", "trace")."""
-    path = str(getattr(getattr(trace, "source", None), "path", "") or getattr(trace, "name", "") or "")
-    if path:
-        sj = os.path.join(os.path.dirname(os.path.abspath(path)), "session.json")
-        try:
-            with open(sj, encoding="utf-8") as f:
-                doc = json.load(f)
-            base = os.path.basename(path)
-            for gname, g in (doc.get("guests") or {}).items():
-                if isinstance(g, dict) and g.get("file") == base:
-                    return ("guest", str(gname))
-            if (doc.get("host") or {}).get("file") == base:
-                return ("host", "host")
-        except (OSError, ValueError, AttributeError):
-            pass
-    opts = getattr(getattr(trace, "source", None), "options", None) or {}
-    host = opts.get("hostname")
-    if "agent" in str(opts.get("version", "")):
-        return ("guest", str(host or "guest"))
-    if host:
-        return ("trace", str(host))
-    return ("trace", "trace")
-
-
 def from_trace(trace: Any) -> Timeline:
     """The model of one trace from columns (no Python object per event)."""
-    kind, name = trace_identity(trace)
+    kind, name = trace.identity
     tl = Timeline()
     tl.sources[name] = (kind, name)
     clock = (getattr(getattr(trace, "source", None), "options", None) or {}).get("clock")
@@ -449,48 +421,29 @@ def from_trace(trace: Any) -> Timeline:
     return tl
 
 
-def events_of(trace_or_events: Any) -> Iterable[Any]:
-    """Accept a session directory, a trace path, a Trace, or events."""
-    if isinstance(trace_or_events, (str, os.PathLike)):
-        path = os.fspath(trace_or_events)
-        from vmtrace import merge
-        if merge.is_session_dir(path):
-            return merge.merged_events(path)
-        from vmtrace import open as vopen
-        return vopen(path).events()
-    if hasattr(trace_or_events, "events") and callable(trace_or_events.events):
-        return trace_or_events.events()
-    return trace_or_events
+def model(x: Any, *, max_instants: Optional[int] = None, fields: bool = False,
+          selection: Any = None) -> Timeline:
+    """The timeline of a path, a Source (:mod:`vmtrace.source`) or events.
 
-
-def _is_trace(x: Any) -> bool:
-    return all(callable(getattr(x, a, None)) for a in ("event_table", "table", "batches", "cpus"))
-
-
-def model(trace_or_events: Any, *, max_instants: Optional[int] = None,
-          fields: bool = False) -> Timeline:
-    """The timeline of a session directory, a trace path, a Trace, or events.
-
-    A trace is read from columns unless ``fields`` asks for every instant's fields
-    (the Chrome exporter), which needs the per-event path."""
-    x = trace_or_events
+    A whole single trace is read from columns unless ``fields`` asks for every
+    instant's fields (the Chrome exporter), which needs the per-event path; a session,
+    a selection, or plain events go event by event."""
+    from vmtrace.source import is_source, opened
     if isinstance(x, (str, os.PathLike)):
-        path = os.fspath(x)
-        from vmtrace import merge
-        if merge.is_session_dir(path):
-            return build(merge.merged_events(path), max_instants=max_instants, fields=fields)
-        from vmtrace import open as vopen
-        with vopen(path) as trace:
-            return model(trace, max_instants=max_instants, fields=fields)
-    if _is_trace(x):
-        if not fields:
-            return from_trace(x)
-        kind, name = trace_identity(x)
-        tl = build(x.events(), max_instants=max_instants, source=name, kind=kind, fields=True)
-        clock = (getattr(getattr(x, "source", None), "options", None) or {}).get("clock")
-        tl.clock = "trace clock %s" % clock if clock else "trace clock"
-        return tl
-    return build(events_of(x), max_instants=max_instants, fields=fields)
+        with opened(x) as src:
+            return model(src, max_instants=max_instants, fields=fields, selection=selection)
+    if not is_source(x):
+        return build(x, max_instants=max_instants, fields=fields)
+    sel = selection.kwargs() if selection is not None else {}
+    if x.kind == "session":
+        return build(x.events(**sel), max_instants=max_instants, fields=fields)
+    if not fields and (selection is None or selection.everything):
+        return from_trace(x)
+    kind, name = x.identity
+    tl = build(x.events(**sel), max_instants=max_instants, source=name, kind=kind, fields=fields)
+    clock = (x.source.options or {}).get("clock")
+    tl.clock = "trace clock %s" % clock if clock else "trace clock"
+    return tl
 
 
 def color_of(comm: str) -> str:
@@ -644,15 +597,3 @@ def write_png(tl: Timeline, png_path: str, *, title: str = "vmtrace: per-CPU sch
     fig.savefig(png_path, bbox_inches="tight")
     plt.close(fig)
     return png_path
-
-
-def write_timeline(trace_or_events: Any, png_path: Optional[str] = None,
-                   html_path: Optional[str] = None, *, title: str = "vmtrace timeline") -> Timeline:
-    """Write the per-CPU scheduling timeline as PNG and/or a self-contained HTML page."""
-    tl = model(trace_or_events)
-    if png_path:
-        write_png(tl, png_path, title=title)
-    if html_path:
-        from vmtrace.export.html import write_timeline_html
-        write_timeline_html(tl, html_path, title=title)
-    return tl

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional, Union
 
 from vmtrace.errors import FormatError, VmtraceError
+from vmtrace.protocol import metadata_name_ok
 from vmtrace.format import Buffer, CpuData, TraceSource
 from vmtrace.format.compress import MAX_GUNZIP, gunzip_bounded
 from vmtrace.format.fileio import read_chunks, read_pages
@@ -25,9 +26,6 @@ from vmtrace.format.fileio import read_chunks, read_pages
 LAYOUT = "vmtrace-raw"
 LAYOUT_VERSION = 1
 
-NAME_RE = re.compile(
-    r"^(header_page|header_event|saved_cmdlines|printk_formats|kallsyms(\.gz)?|meta\.json"
-    r"|events/[A-Za-z0-9_]+/[A-Za-z0-9_.-]+/format)$")
 CPU_FILE_RE = re.compile(r"^cpu(\d{1,5})$")
 
 MAX_META_JSON = 1 << 20          # meta.json is a few hundred bytes; 1 MiB is generous
@@ -44,15 +42,10 @@ CpuInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Iterable[bytes]
 
 
 def validate_name(name: str) -> str:
-    """Return ``name`` if it may name a metadata file, else raise VmtraceError.
-
-    The pattern alone would let an event called ``..`` through; path components that
-    are ``.`` or ``..`` are refused as well, so a name can never leave ``metadata/``.
-    """
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+    """Return ``name`` if it may name a metadata file (:func:`vmtrace.protocol.metadata_name_ok`,
+    the one rule), else raise VmtraceError."""
+    if not metadata_name_ok(name):
         raise VmtraceError(f"refusing metadata name {name!r}: not an allowed raw-directory name")
-    if any(part in (".", "..") for part in name.split("/")):
-        raise VmtraceError(f"refusing metadata name {name!r}: '.' or '..' component")
     return name
 
 
@@ -365,7 +358,7 @@ class RawDir(TraceSource):
                     sysdir = ev.subdir(system)
                     try:
                         for _, data in each(sysdir, lambda e, s=system: bool(
-                                NAME_RE.fullmatch(f"events/{s}/{e}/format"))):
+                                metadata_name_ok(f"events/{s}/{e}/format"))):
                             if system == "ftrace":
                                 ftrace.append(data)
                             else:

@@ -7,6 +7,10 @@ read is bounds-checked against its section or the file, counts are checked again
 bytes that could hold them before a loop starts, the chain of v7 options sections is
 followed with loop detection, and any problem surfaces as one FormatError naming the
 file and the byte offset.
+
+Why one module of this size: it is one reader of one file format, whose v6 and v7
+paths share the cursor, the section walk and the budget; split apart they would each
+need all three (the writer, tracedat_write.py, is the other half).
 """
 from __future__ import annotations
 

@@ -8,13 +8,13 @@ every name validated and the total size capped before anything is written.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import zlib
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from vmtrace.errors import VmtraceError
+from vmtrace.format.tracefscopy import page_info, read_tracefs_copy
 from vmtrace.host.guestdata import check_meta
 from vmtrace.protocol import ProtocolError, loads
 
@@ -26,7 +26,6 @@ MAX_METADATA_FILES = 8192
 # trace.dat writer holds it expanded in memory, so the expanded size is bounded here,
 # on arrival, by streaming through it, before the guest's recording even starts.
 MAX_KALLSYMS = 64 << 20
-_FIELD = re.compile(rb"field:\s*[^;]*?\b(\w+);\s*offset:\s*(\d+);\s*size:\s*(\d+);")
 _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 
 
@@ -137,75 +136,15 @@ def finish_meta(files: Mapping[str, bytes], guest: str, meta: Mapping[str, Any],
     return out
 
 
-def _read(path: str, cap: int, what: str) -> bytes:
-    try:
-        st = os.lstat(path)
-        if not os.path.isfile(path) or os.path.islink(path):
-            raise VmtraceError("--formats: %s is not a regular file" % path)
-        if st.st_size > cap:
-            raise VmtraceError("--formats: %s is over the %d-byte cap" % (path, cap))
-        with open(path, "rb") as f:
-            return f.read(cap + 1)[:cap]
-    except OSError as exc:
-        raise VmtraceError("--formats: cannot read %s (%s): %s" % (path, what, exc.strerror)) from None
-
-
-def _page_info(header_page: bytes) -> Dict[str, int]:
-    fields = {m.group(1).decode(): (int(m.group(2)), int(m.group(3))) for m in _FIELD.finditer(header_page)}
-    info = {"page_size": 4096, "long_size": 8}
-    if "data" in fields:
-        off, size = fields["data"]
-        info["page_size"] = off + size
-    if "commit" in fields:
-        info["long_size"] = fields["commit"][1]
-    return info
-
-
 def formats_metadata(directory: str, guest: str, cpus: Iterable[int], clock: str, cap: int) -> Dict[str, bytes]:
-    """Metadata for a seed-style agent from a copy of the guest's tracefs (``--formats``).
-
-    Accepts ``DIR`` laid out like tracefs (``DIR/events/header_page``, ``DIR/events/SYS/
-    EV/format``, optionally ``DIR/saved_cmdlines``, ``DIR/printk_formats``,
-    ``DIR/kallsyms``) or like a raw directory's ``metadata/`` (headers at the top).
-    """
-    if not os.path.isdir(directory):
-        raise VmtraceError("--formats: %s is not a directory" % directory)
-    events = os.path.join(directory, "events")
-    out: Dict[str, bytes] = {}
-    total = 0
-
-    def add(name: str, path: str) -> None:
-        nonlocal total
-        data = _read(path, cap, name)
-        total += len(data)
-        if total > cap:
-            raise VmtraceError("--formats: %s holds more than the %d-byte cap" % (directory, cap))
-        out[name] = data
-
-    for name in ("header_page", "header_event"):
-        for cand in (os.path.join(events, name), os.path.join(directory, name)):
-            if os.path.isfile(cand):
-                add(name, cand)
-                break
-        else:
-            raise VmtraceError("--formats: %s has no %s (copy the guest's tracefs events/ directory)" % (directory, name))
-    if os.path.isdir(events):
-        for system in sorted(os.listdir(events)):
-            sdir = os.path.join(events, system)
-            if not _SAFE.match(system) or not os.path.isdir(sdir) or os.path.islink(sdir):
-                continue
-            for ev in sorted(os.listdir(sdir)):
-                fmt = os.path.join(sdir, ev, "format")
-                if _SAFE.match(ev) and os.path.isfile(fmt) and re.match(r"^[A-Za-z0-9_]+$", system):
-                    add("events/%s/%s/format" % (system, ev), fmt)
-    for name in ("saved_cmdlines", "printk_formats", "kallsyms"):
-        p = os.path.join(directory, name)
-        if os.path.isfile(p):
-            add(name, p)
+    """Metadata for a seed-style agent from a copy of the guest's tracefs (``--formats``):
+    the copy's files (:func:`vmtrace.format.tracefscopy.read_tracefs_copy`) and a
+    meta.json made by the host."""
+    out = read_tracefs_copy(directory, cap)
     cpus = list(cpus)
     meta = {"layout": "vmtrace-raw", "layout_version": 1, "hostname": guest, "cpus": cpus,
             "nr_cpus": len(cpus), "endian": sys.byteorder, "clock": clock,
             "agent": {"version": "seed (plain orders)"}, "stats": {}, "options": {}}
-    meta.update(_page_info(out["header_page"]))
+    meta.update(page_info(out["header_page"]))
     out["meta.json"] = json.dumps(meta, indent=1).encode()
     return out

@@ -18,7 +18,7 @@ WORKLOADS = {"pingpong": "pingpong.c", "intloop": "intloop.c"}
 
 def bench_dir() -> Path:
     """Where the workloads' C files live: the same place the benchmarks compile them from."""
-    from vmtrace.bench.peers import source_dir
+    from vmtrace.lab.peers import source_dir
 
     return source_dir()
 

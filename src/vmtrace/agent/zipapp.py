@@ -10,8 +10,6 @@ import os
 import stat
 import zipfile
 
-import vmtrace
-
 # The agent's closure: everything it imports from vmtrace.
 MODULES = ("__init__.py", "errors.py", "tracefs.py", "protocol.py")
 ENTRY = (
@@ -22,7 +20,8 @@ ENTRY = (
 
 
 def export(path: str) -> str:
-    pkg = os.path.dirname(os.path.abspath(vmtrace.__file__))
+    # this installation's vmtrace package: the directory above agent/
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     agent_dir = os.path.join(pkg, "agent")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

@@ -1,6 +1,6 @@
 """vmtrace's own C peers (workloads and the seed-style collector), compiled on first use.
 
-The sources ship inside the package (``vmtrace/bench/csrc/*.c``), so a clone, a wheel
+The sources ship inside the package (``vmtrace/lab/csrc/*.c``), so a clone, a wheel
 or a tarball can run every benchmark and the demo's guest workloads with nothing beside
 it. They are reference points: a benchmark compares vmtrace against them in the same run,
 so they are kept small and are not tuned for any result. Binaries are cached under a key
