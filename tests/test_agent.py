@@ -430,13 +430,13 @@ def test_socket_host_goes_away_mid_recording_and_a_new_host_records_again(inst, 
 def test_ports_dir_made_by_prepare_is_used_as_is(inst, tmp_path):
     """--ports on a `vmtrace prepare` FIFO directory: orders from agent-ctl-path.in, pages to
     trace-path-cpuN.out, replies to agent-ctl-path.out, as QEMU's pipe chardev names them."""
-    from vmtrace.host.control import AgentLink
     from vmtrace.host.layout import prepare
+    from vmtrace.host.transport.fifo import open_link
 
     cpus = inst.cpus()
     lay = prepare("pp", max(cpus) + 1, str(tmp_path))
     outs = {c: os.open(lay.cpu(c) + ".out", os.O_RDONLY | os.O_NONBLOCK) for c in cpus}
-    link = AgentLink.fifo("pp", lay.ctl)
+    link = open_link("pp", lay.ctl)
     p = agent("--instance", inst.instance, "--ports", lay.path, "--flush-interval", "0.2")
     try:
         hello = link.call("hello", 20.0)

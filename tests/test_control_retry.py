@@ -43,7 +43,7 @@ def _link(**agent):
     os.set_blocking(a2h_r, False)  # the recorder opens its ends non-blocking
     seen: list = []
     threading.Thread(target=_agent, args=(h2a_r, a2h_w, seen), kwargs=agent, daemon=True).start()
-    return AgentLink("g", a2h_r, h2a_w, "fifo"), seen
+    return AgentLink("g", a2h_r, h2a_w, eof_before_writer=True), seen
 
 
 def test_lost_request_is_resent_and_answered():

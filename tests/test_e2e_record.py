@@ -5,7 +5,7 @@ uses): ports prepared by `host.layout.prepare`, the agent started in the guest, 
 workload held back until the recorder has started tracing. `trace-cmd report` is the
 oracle for what was written.
 
-The stall test cannot use `host.session.record`, which has no way to stop reading on
+The stall test cannot use `host.recording.record`, which has no way to stop reading on
 purpose; it drives the agent itself over the control FIFO with `host.control.AgentLink`
 (the framed protocol) and reads the data FIFOs with its own readers, which it pauses.
 """
@@ -49,7 +49,7 @@ def _events(text: str) -> list[re.Match]:
 
 def test_record_real_guest_matches_trace_cmd(tmp_path):
     """Guest names, cpus=2, ordered timestamps, nothing lost; vmtrace report agrees per type."""
-    from vmtrace.host.session import record
+    from vmtrace.host.recording import record
 
     script = guest_script(workload_command(2, 2))
     with AgentGuest(lab_image(), script, tmp_path / "vm", smp=2, accel="tcg") as ag:
@@ -168,7 +168,7 @@ STALL_MAX_ROUNDS = 40
 def test_host_that_stops_reading_does_not_slow_the_guest(tmp_path):
     """Free vs stalled phase scores, lost events counted, reading resumes after the stall."""
     from vmtrace.format.tracedat_write import write_tracedat
-    from vmtrace.host.control import AgentLink
+    from vmtrace.host.transport.fifo import open_link
 
     readers: list[PausableReader] = []
     marks: dict[str, float] = {}
@@ -188,7 +188,7 @@ def test_host_that_stops_reading_does_not_slow_the_guest(tmp_path):
     with AgentGuest(lab_image(), script, tmp_path / "vm", smp=2, accel="tcg", on_line=on_line) as ag:
         lay = ag.layout
         readers.extend(PausableReader(lay.cpu(c) + ".out", raw / ("cpu%d" % c)) for c in range(2))
-        link = AgentLink.fifo("stall", lay.ctl)
+        link = open_link("stall", lay.ctl)
         try:
             # Generous ceilings, as in `vmtrace record`: a TCG guest on a loaded CI host
             # can take tens of seconds to enable tracepoints.

@@ -35,7 +35,7 @@ def _events(path) -> list:
 def test_recorder_restarts_on_a_running_guest_over_sockets(tmp_path):
     from vmtrace.lab.demo import AGENT_READY, guest_script
     from vmtrace.host.layout import prepare
-    from vmtrace.host.session import record
+    from vmtrace.host.recording import record
     from vmtrace.lab.qemu import Guest
 
     lay = prepare("rs", 2, str(tmp_path / "guests"), transport="socket")

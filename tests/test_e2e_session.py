@@ -1,7 +1,7 @@
 """A real session: the TCG lab guest and this host, recorded together and merged.
 
 The lab guest (2 vCPUs) boots with the agent (`vmtrace.lab.demo.AgentGuest`, the demo's
-wiring); `host.session.record` records it for a few seconds together with this machine's
+wiring); `host.recording.record` records it for a few seconds together with this machine's
 sched events (`host_events`), while the guest runs pingpong on vCPU 0 and intloop on
 vCPU 1. The guest traces with `mono` (and, in a second session, with `global`, its
 default, which user space cannot read). Then everything downstream of the recording
@@ -39,7 +39,7 @@ RECORD_S = 4.5
 
 def _record(tmp: Path, clock: str) -> Path:
     from vmtrace.lab.demo import AgentGuest, guest_script, workload_command
-    from vmtrace.host.session import record
+    from vmtrace.host.recording import record
 
     script = guest_script(workload_command(WORKLOAD_S, 2))
     out = tmp / "session"

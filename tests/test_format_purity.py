@@ -162,8 +162,8 @@ def test_no_import_cycle_inside_format():
     ("import click\n", ["click"]),
     ("from vmtrace import api, errors\n", ["vmtrace.api"]),
     ("from .. import sources\n", ["vmtrace.sources"]),
-    ("import importlib\nm = importlib.import_module('vmtrace.host.session')\n",
-     ["vmtrace.host.session"]),
+    ("import importlib\nm = importlib.import_module('vmtrace.host.recording')\n",
+     ["vmtrace.host.recording"]),
     ("from vmtrace.errors import FormatError\nimport numpy\n", []),
 ])
 def test_the_checker_sees_every_kind_of_import(source, reached):

@@ -30,7 +30,7 @@ from bounded import Bounded, assert_clean_exit, run_bounded
 from vmtrace.host import control
 from vmtrace.host.layout import prepare
 from vmtrace.host.metadata import MAX_KALLSYMS
-from vmtrace.host.session import PROBE_PERIOD_S, STATS_PERIOD_S
+from vmtrace.host.conversation import PROBE_PERIOD_S, STATS_PERIOD_S
 
 pytestmark = [pytest.mark.oracle, pytest.mark.timeout(180)]
 

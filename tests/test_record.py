@@ -20,7 +20,7 @@ import pytest
 
 from vmtrace.errors import VmtraceError
 from vmtrace.host.layout import GuestLayout, prepare
-from vmtrace.host.session import record
+from vmtrace.host.recording import record
 
 PAGE = 4096
 _n = itertools.count()
@@ -382,7 +382,7 @@ def test_cli_ctrl_c_writes_host_dat(tmp_path):
 
 
 def test_merge_cmdlines_prefers_the_end_and_keeps_evicted_pids():
-    from vmtrace.host.session import merge_cmdlines
+    from vmtrace.host.conversation import merge_cmdlines
 
     merged = merge_cmdlines(b"1 init\n20 gone-early\n30 sh\n", b"30 intloop\n40 pingpong\n")
     assert merged.splitlines() == [b"1 init", b"20 gone-early", b"30 intloop", b"40 pingpong"]

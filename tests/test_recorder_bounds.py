@@ -30,7 +30,7 @@ def _pipes():
     a2h_r, a2h_w = os.pipe()
     os.set_blocking(a2h_r, False)
     os.set_blocking(h2a_w, False)
-    return AgentLink("g", a2h_r, h2a_w, "fifo"), h2a_r, a2h_w
+    return AgentLink("g", a2h_r, h2a_w, eof_before_writer=True), h2a_r, a2h_w
 
 
 def _writer(fd: int, data: bytes) -> threading.Thread:
@@ -136,7 +136,7 @@ def test_fds_past_1023_work(tmp_path):
         for fd in (replies_r, requests_w):
             os.close(fd)
         os.set_blocking(hi_r, False)
-        link = AgentLink("g", hi_r, hi_w, "fifo")
+        link = AgentLink("g", hi_r, hi_w, eof_before_writer=True)
         rid = link.send("stats")
         assert P.Decoder(allow_orders=False).feed(os.read(requests_r, 4096))[0].get("id") == rid
         os.write(replies_w, P.encode(P.msg("stats", id=rid, cpus={})))
@@ -352,7 +352,8 @@ def test_events_off_the_int64_scale_are_one_clear_error(tmp_path):
 # -- the prepared directory ------------------------------------------------------------------
 
 def test_a_port_swapped_for_a_symlink_is_refused(tmp_path):
-    from vmtrace.host.layout import open_dir_checked, open_port, prepare
+    from vmtrace.host.layout import open_dir_checked, prepare
+    from vmtrace.host.transport.fifo import open_port
 
     lay = prepare("g", 1, str(tmp_path))
     os.mkfifo(tmp_path / "elsewhere")

@@ -37,7 +37,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _MARK = re.compile(r"vmtrace-(probe|order)\b(.*)")
 _KV = re.compile(r"(\w+)=(\S+)")
 BATCH = 4096
-# session.json holds at most 65536 probes (~70 bytes each) per guest (host/session.py)
+# session.json holds at most 65536 probes (~70 bytes each) per guest (host/conversation.py)
 MAX_SESSION_JSON = 128 << 20
 
 Reader = Callable[[str], Iterable[Any]]

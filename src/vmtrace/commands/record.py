@@ -58,7 +58,7 @@ def command(guests, outdir, duration, events, clock, buffer_kb, host_events, for
     from rich.live import Live
 
     from vmtrace.host.progress import Progress, summary_table
-    from vmtrace.host.session import Options, Session
+    from vmtrace.host.recording import Options, Recording
 
     if duration is not None and duration <= 0:
         raise VmtraceError("--duration must be positive")
@@ -70,7 +70,7 @@ def command(guests, outdir, duration, events, clock, buffer_kb, host_events, for
                    max_metadata=_size(max_metadata) or (64 << 20), keep_raw=keep_raw, base=base, kallsyms=kallsyms,
                    connect_timeout=connect_timeout)
     stop = threading.Event()
-    session = Session(list(guests), opts, stop=stop)
+    session = Recording(list(guests), opts, stop=stop)
     err = Console(stderr=True, highlight=False)
     previous = signal.getsignal(signal.SIGINT)
 

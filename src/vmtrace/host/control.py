@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import os
 import select
-import socket
 import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
@@ -45,13 +44,18 @@ MAX_REPLY_JSON = 512 << 10
 
 
 class AgentLink:
-    """A control channel: ``wfd`` carries host -> agent, ``rfd`` agent -> host."""
+    """A control channel: ``wfd`` carries host -> agent, ``rfd`` agent -> host.
 
-    def __init__(self, name: str, rfd: Optional[int], wfd: Optional[int], kind: str):
+    Made by a transport (:mod:`vmtrace.host.transport`), which knows what an end of
+    file on ``rfd`` means: with ``eof_before_writer`` (FIFOs) an empty read before the
+    first bytes is the agent not there yet, not the agent gone.
+    """
+
+    def __init__(self, name: str, rfd: Optional[int], wfd: Optional[int], *, eof_before_writer: bool):
         self.name = name
         self.rfd = rfd
         self.wfd = wfd
-        self.kind = kind  # "fifo" or "socket"
+        self.eof_before_writer = eof_before_writer
         self.decoder = protocol.Decoder(allow_orders=False, source="%s control" % name, keep_blob=self._keep_blob,
                                         max_json=MAX_REPLY_JSON)
         # id -> blob bytes its reply may carry, oldest first
@@ -72,40 +76,6 @@ class AgentLink:
         self._queue = bytearray()
         self._seen_writer = False
         self.last_rx = 0.0  # time.monotonic() of the last bytes read from the agent
-
-    # -- opening -------------------------------------------------------------------------
-    @classmethod
-    def fifo(cls, name: str, ctl_base: str, dir_fd: Optional[int] = None) -> "AgentLink":
-        """QEMU's pipe chardev: we write ``.in`` and read ``.out``.
-
-        ``.in`` is opened read-write so the open never blocks or fails for want of a
-        reader (QEMU or a test agent may come later); ``.out`` is read non-blocking.
-        With ``dir_fd`` (the guest directory, opened and checked) the names are opened
-        relative to it and never through a symlink.
-        """
-        from vmtrace.host.layout import open_port
-
-        try:
-            if dir_fd is not None:
-                leaf = os.path.basename(ctl_base)
-                rfd = open_port(dir_fd, leaf + ".out", os.O_RDONLY, ctl_base + ".out")
-                try:
-                    wfd = open_port(dir_fd, leaf + ".in", os.O_RDWR, ctl_base + ".in")
-                except VmtraceError:
-                    os.close(rfd)
-                    raise
-            else:
-                rfd = os.open(ctl_base + ".out", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                wfd = os.open(ctl_base + ".in", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise VmtraceError("cannot open control FIFOs %s.{in,out}: %s" % (ctl_base, exc.strerror)) from None
-        return cls(name, rfd, wfd, "fifo")
-
-    @classmethod
-    def from_socket(cls, name: str, sock: socket.socket) -> "AgentLink":
-        sock.setblocking(False)
-        fd = sock.detach()
-        return cls(name, fd, fd, "socket")
 
     def close(self) -> None:
         for fd in {self.rfd, self.wfd}:
@@ -208,7 +178,7 @@ class AgentLink:
             if not data:
                 # A FIFO reads EOF before its first writer too; only a writer that came
                 # and went (or a socket) means the agent is gone.
-                if self.kind == "socket" or self._seen_writer:
+                if not self.eof_before_writer or self._seen_writer:
                     self.eof = True
                 elif timeout:
                     time.sleep(min(timeout, 0.05))

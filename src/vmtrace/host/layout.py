@@ -1,8 +1,10 @@
-"""A guest's rendezvous directory on the host: the FIFOs or sockets QEMU connects to.
+"""A guest's rendezvous directory on the host: the ports QEMU connects to.
 
 The names are the seed's (``trace-path-cpuN``, ``agent-ctl-path``) because the guest
-agent finds its ports by those names, and QEMU's ``-chardev pipe,path=P`` opens
-``P.in`` (host -> guest) and ``P.out`` (guest -> host).
+agent finds its ports by those names. What stands under each name (FIFOs, sockets) is
+the transport's business (:mod:`vmtrace.host.transport`); this module owns the
+directory, the names and the CPU count, and finds which transport a directory holds
+from its nodes alone.
 
 Permissions are the point of this module. The directory is ``0710`` and belongs to the
 recording user with the group QEMU runs as, so QEMU can reach the files inside but
@@ -10,35 +12,26 @@ nobody else can even list them. Everything is created and checked relative to an
 directory descriptor with ``O_NOFOLLOW``, so a symlink planted in the path (or a
 directory somebody else owns) is refused instead of followed: the recorder runs as
 root and must not be talked into writing somewhere else.
-
-Sockets: the recorder is the listening side and QEMU connects with ``reconnect=1``, so
-the recorder can be stopped and started again while the guest runs on (the guest sees
-its ports hang up and the agent waits for the next recorder, docs/agent.md). ``prepare`` leaves
-placeholder socket inodes so that ``record`` can find the guest's CPU count from the
-directory alone; ``record`` rebinds them.
 """
 from __future__ import annotations
 
-import errno
 import grp
 import os
 import re
-import socket
 import stat
 from dataclasses import dataclass
-from typing import List, Optional
-from xml.sax.saxutils import quoteattr
+from typing import Dict, List, Optional, Tuple
 
 from vmtrace.errors import VmtraceError
+from vmtrace.host.transport import Port, Ports, Transport, get_transport, transport_names
 
 CTL = "agent-ctl-path"
 CPU = "trace-path-cpu%d"
-TRANSPORTS = ("fifo", "socket")
 QEMU_GROUPS = ("qemu", "libvirt-qemu", "kvm")
 MAX_CPUS = 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_CPU_FILE = re.compile(r"^trace-path-cpu(\d+)(\.in|\.out)?\Z")
+_PORT_NODE = re.compile(r"^(agent-ctl-path|trace-path-cpu(\d+))(.*)\Z")
 
 
 def check_guest_name(name: str) -> str:
@@ -128,6 +121,19 @@ def _open_dir(path: str, create_mode: Optional[int] = None, strict_owner: bool =
     return fd
 
 
+def _port_node(entry: str) -> Optional[Tuple[Optional[int], Transport]]:
+    """Whose node a directory entry is: its port's CPU (None for the control port) and
+    the transport that makes nodes with its suffix; None for anything else."""
+    m = _PORT_NODE.match(entry)
+    if not m:
+        return None
+    for name in transport_names():
+        t = get_transport(name)
+        if m.group(3) in t.suffixes:
+            return (int(m.group(2)) if m.group(2) is not None else None), t
+    return None
+
+
 @dataclass
 class GuestLayout:
     """A prepared guest directory: what QEMU needs and what the recorder opens."""
@@ -138,6 +144,11 @@ class GuestLayout:
     transport: str = "fifo"
     group: str = ""
     gid: int = -1
+
+    @property
+    def backend(self) -> Transport:
+        """The :class:`~vmtrace.host.transport.Transport` that ``transport`` names."""
+        return get_transport(self.transport)
 
     # -- names -----------------------------------------------------------------------
     @property
@@ -151,45 +162,31 @@ class GuestLayout:
     def port_names(self) -> List[str]:
         return [CTL] + [CPU % n for n in range(self.cpus)]
 
+    def ports(self) -> List[Port]:
+        """The ports as the transport gets them: control first, then one per CPU."""
+        return [Port(CTL, self.ctl, None)] + [Port(CPU % n, self.cpu(n), n) for n in range(self.cpus)]
+
     def files(self) -> List[str]:
         """Every file this layout puts in the directory."""
-        if self.transport == "fifo":
-            return [os.path.join(self.path, p + s) for p in self.port_names() for s in (".in", ".out")]
-        return [os.path.join(self.path, p) for p in self.port_names()]
+        return [p.path + s for p in self.ports() for s in self.backend.suffixes]
 
     # -- what QEMU and libvirt need ----------------------------------------------------
     def qemu_args(self, bus: str = "vmtvs0") -> List[str]:
-        """QEMU options wiring one virtserialport per file pair, named as the agent expects."""
-        args = ["-device", "virtio-serial-pci,id=%s" % bus]
-        for nr, port in enumerate(self.port_names(), start=1):
-            cid = "vmt%s%d" % (self.name.replace(".", "_").replace("-", "_")[:16], nr)
-            path = os.path.join(self.path, port)
-            if "," in path:
-                raise VmtraceError("path %s contains ',', which QEMU options cannot carry" % path)
-            if self.transport == "fifo":
-                args += ["-chardev", "pipe,id=%s,path=%s" % (cid, path)]
-            else:
-                args += ["-chardev", "socket,id=%s,path=%s,reconnect=1" % (cid, path)]
-            args += ["-device", "virtserialport,bus=%s.0,nr=%d,chardev=%s,name=%s" % (bus, nr, cid, port)]
-        return args
+        """QEMU options wiring the ports, named as the agent expects."""
+        return self.backend.qemu_args(self.name, self.ports(), bus)
 
     def libvirt_xml(self) -> str:
         """``<channel>`` elements to paste into the domain's ``<devices>``."""
-        out = []
-        for port in self.port_names():
-            path = quoteattr(os.path.join(self.path, port))
-            if self.transport == "fifo":
-                out.append(
-                    "<channel type='pipe'>\n  <source path=%s/>\n  <target type='virtio' name='%s'/>\n</channel>"
-                    % (path, port)
-                )
-            else:
-                out.append(
-                    "<channel type='unix'>\n  <source mode='connect' path=%s>\n"
-                    "    <reconnect enabled='yes' timeout='1'/>\n  </source>\n"
-                    "  <target type='virtio' name='%s'/>\n</channel>" % (path, port)
-                )
-        return "\n".join(out) + "\n"
+        return self.backend.libvirt_xml(self.ports())
+
+    # -- recording ---------------------------------------------------------------------
+    def open_ports(self) -> Ports:
+        """The ports for one recording, opened (or listened on) through the checked directory."""
+        dfd = open_dir_checked(self.path)
+        try:
+            return self.backend.open_ports(dfd, self.name, self.ports(), self.gid)
+        finally:
+            os.close(dfd)
 
     # -- discovery (used by record) ----------------------------------------------------
     @classmethod
@@ -209,111 +206,31 @@ class GuestLayout:
         try:
             st = os.fstat(dfd)
             cpus = set()
-            kinds = set()
+            kinds: Dict[str, Transport] = {}
             for entry in os.listdir(dfd):
-                m = _CPU_FILE.match(entry)
-                if m:
-                    cpus.add(int(m.group(1)))
-                    kinds.add("fifo" if m.group(2) else "socket")
+                node = _port_node(entry)
+                if node is not None and node[0] is not None:
+                    cpus.add(node[0])
+                    kinds[node[1].name] = node[1]
             if not cpus:
                 raise VmtraceError("%s has no trace-path-cpuN ports; run vmtrace prepare %s first" % (path, name))
             if len(kinds) > 1:
-                raise VmtraceError("%s mixes FIFOs and sockets; run vmtrace prepare again" % path)
+                raise VmtraceError("%s mixes %s; run vmtrace prepare again"
+                                   % (path, " and ".join(sorted(t.node_kind + "s" for t in kinds.values()))))
             n = max(cpus) + 1
             if cpus != set(range(n)):
                 raise VmtraceError("%s: trace-path-cpuN ports are not numbered 0..%d" % (path, n - 1))
-            transport = kinds.pop()
-            lay = cls(name=name, path=path, cpus=n, transport=transport, gid=st.st_gid)
+            backend = next(iter(kinds.values()))
+            lay = cls(name=name, path=path, cpus=n, transport=backend.name, gid=st.st_gid)
             try:
                 lay.group = grp.getgrgid(st.st_gid).gr_name
             except KeyError:
                 lay.group = str(st.st_gid)
             for f in lay.files():
-                _check_node(dfd, os.path.basename(f), transport, f)
+                backend.check_node(dfd, os.path.basename(f), f)
             return lay
         finally:
             os.close(dfd)
-
-
-def _check_node(dfd: int, leaf: str, transport: str, shown: str) -> os.stat_result:
-    try:
-        st = os.stat(leaf, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        raise VmtraceError("%s is missing; run vmtrace prepare again" % shown) from None
-    want = stat.S_ISFIFO if transport == "fifo" else stat.S_ISSOCK
-    if stat.S_ISLNK(st.st_mode):
-        raise VmtraceError("%s is a symlink; refusing to follow it" % shown)
-    if not want(st.st_mode):
-        raise VmtraceError("%s is not a %s" % (shown, "FIFO" if transport == "fifo" else "socket"))
-    if st.st_uid != os.geteuid():
-        raise VmtraceError("%s is owned by uid %d, not by us; refusing to use it" % (shown, st.st_uid))
-    return st
-
-
-def _make_fifo(dfd: int, leaf: str, gid: int, shown: str) -> None:
-    try:
-        os.mkfifo(leaf, 0o600, dir_fd=dfd)
-    except FileExistsError:
-        _check_node(dfd, leaf, "fifo", shown)
-    # O_NONBLOCK: opening a FIFO for reading must not wait for a writer; O_NOFOLLOW:
-    # the name was checked above but could be swapped for a link in between.
-    fd = os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    try:
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            raise VmtraceError("%s is not a FIFO" % shown)
-        os.fchown(fd, -1, gid)
-        os.fchmod(fd, 0o660)
-    finally:
-        os.close(fd)
-
-
-def bind_socket(dfd: int, leaf: str, gid: int, shown: str) -> socket.socket:
-    """Bind a listening unix socket at ``leaf``, replacing our own stale socket inode.
-
-    Binding through ``/proc/self/fd/N/leaf`` keeps the directory pinned by descriptor,
-    so a directory swapped for a symlink after the checks cannot redirect the bind.
-    """
-    try:
-        st = os.stat(leaf, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
-            raise VmtraceError("%s exists and is not our socket; refusing to replace it" % shown)
-        os.unlink(leaf, dir_fd=dfd)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        where = "/proc/self/fd/%d/%s" % (dfd, leaf)
-        if len(where.encode()) > 100 or not os.path.isdir("/proc/self/fd"):
-            where = shown
-        sock.bind(where)
-        sock.listen(4)
-        os.chown(leaf, -1, gid, dir_fd=dfd, follow_symlinks=False)
-        os.chmod(where, 0o660)
-    except OSError as exc:
-        sock.close()
-        raise VmtraceError("cannot listen on %s: %s" % (shown, exc.strerror)) from None
-    return sock
-
-
-def open_port(dfd: int, leaf: str, flags: int, shown: str) -> int:
-    """Open a prepared FIFO by name inside its checked directory ``dfd``: never through
-    a symlink (``O_NOFOLLOW``), never blocking, and only if it is still our FIFO.
-
-    ``GuestLayout.open`` checked the names already; this closes the window between that
-    check and the open, in which a port could have been swapped for a link.
-    """
-    try:
-        fd = os.open(leaf, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise VmtraceError("%s is a symlink; refusing to follow it" % shown) from None
-        raise VmtraceError("cannot open %s: %s" % (shown, exc.strerror)) from None
-    st = os.fstat(fd)
-    if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
-        os.close(fd)
-        raise VmtraceError("%s is no longer our FIFO; refusing to use it" % shown)
-    return fd
 
 
 def open_dir_checked(path: str) -> int:
@@ -328,15 +245,14 @@ def prepare(
     transport: str = "fifo",
     group: Optional[str] = None,
 ) -> GuestLayout:
-    """Create (or check and repair) the guest's directory and its FIFOs or sockets.
+    """Create (or check and repair) the guest's directory and its transport's nodes.
 
     Idempotent: running it again on our own directory fixes modes and groups and
     removes ports of CPUs the guest no longer has, but anything we do not own, or any
     symlink, stops it with an error.
     """
     check_guest_name(name)
-    if transport not in TRANSPORTS:
-        raise VmtraceError("bad transport %r (use fifo or socket)" % transport)
+    backend = get_transport(transport)
     if not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
         raise VmtraceError("bad CPU count %r (1..%d)" % (cpus, MAX_CPUS))
     gname, gid = qemu_group(group)
@@ -365,24 +281,17 @@ def prepare(
         os.fchown(dfd, -1, gid)
         os.fchmod(dfd, 0o710)
         lay = GuestLayout(name=name, path=path, cpus=cpus, transport=transport, group=gname, gid=gid)
-        other = "socket" if transport == "fifo" else "fifo"
         for entry in os.listdir(dfd):
-            m = _CPU_FILE.match(entry)
-            is_ctl = entry in (CTL, CTL + ".in", CTL + ".out")
-            if not (m or is_ctl):
+            node = _port_node(entry)
+            if node is None:
                 continue
-            stale_kind = (m and ((m.group(2) is not None) != (transport == "fifo"))) or (
-                is_ctl and ((entry != CTL) != (transport == "fifo"))
-            )
-            if (m and int(m.group(1)) >= cpus) or stale_kind:
-                _check_node(dfd, entry, other if stale_kind else transport, os.path.join(path, entry))
+            cpu, owner = node
+            # another transport's node (a switch), or a CPU the guest no longer has
+            if owner.name != backend.name or (cpu is not None and cpu >= cpus):
+                owner.check_node(dfd, entry, os.path.join(path, entry))
                 os.unlink(entry, dir_fd=dfd)
         for f in lay.files():
-            leaf = os.path.basename(f)
-            if transport == "fifo":
-                _make_fifo(dfd, leaf, gid, f)
-            else:
-                bind_socket(dfd, leaf, gid, f).close()
+            backend.make_node(dfd, os.path.basename(f), gid, f)
         return lay
     finally:
         os.close(dfd)

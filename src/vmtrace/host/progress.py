@@ -1,6 +1,6 @@
 """Live progress and the final summary of a recording, as rich tables.
 
-Kept apart from the session so the session stays usable without a terminal (the demo
+Kept apart from the recording so it stays usable without a terminal (the demo
 and tests call it with no progress at all), and so the rates are computed in one place:
 MB/s is the change in bytes written since the previous refresh.
 """
@@ -17,7 +17,7 @@ def _mb(n: float) -> str:
 
 
 class Progress:
-    """Callable for ``Session(progress=...)``: renders into a rich ``Live``."""
+    """Callable for ``Recording(progress=...)``: renders into a rich ``Live``."""
 
     def __init__(self, live: Any):
         self.live = live

@@ -3,7 +3,7 @@
 The demo is the whole product in one command, so it uses the same pieces a user would:
 the lab image (``vmtrace lab``), the prepared FIFOs (``host.layout.prepare``), the guest
 agent speaking the framed protocol over real virtio-serial ports, and the recorder
-(``host.session.record``). Nothing is simulated; the demo only adds the choreography.
+(``host.recording.record``). Nothing is simulated; the demo only adds the choreography.
 
 The choreography is the delicate part, because the host and the guest have no shared
 clock and only the serial console to talk about progress:
@@ -307,7 +307,7 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
     Raises VmtraceError with one line on any failure; QEMU is gone when this returns or
     raises. ``stop`` (set by Ctrl-C) ends the recording early but still writes the files.
     """
-    from vmtrace.host.session import record
+    from vmtrace.host.recording import record
     from vmtrace.lab.image import build_image
     from vmtrace.lab.qemu import resolve_accel
 
