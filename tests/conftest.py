@@ -4,7 +4,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Tests are grouped by the part of vmtrace they check (format/, agent/, host/, report/,
+# export/, clocksync/, lab/, e2e/, project/); what several of them share lives in
+# support/, imported by module name.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 import realtrace  # noqa: E402
 
