@@ -510,6 +510,9 @@ def unpack_files(msg: Message) -> Dict[str, bytes]:
     index = msg.get("files")
     if not isinstance(index, list):
         raise ProtocolError("metadata message without a files list")
+    if msg.blob_dropped:
+        raise ProtocolError("metadata blob of %d bytes was not kept: the request asked for no blob or a "
+                            "smaller one (blob_cap)" % msg.blob_dropped)
     out: Dict[str, bytes] = {}
     pos = 0
     for entry in index:

@@ -200,7 +200,8 @@ def test_host_that_stops_reading_does_not_slow_the_guest(tmp_path):
             rep = link.call_idempotent("configure", 120, every=15, events=["sched", "timer", "kmem"], buffer_size_kb=64,
                             buffer_percent=25)
             assert rep is not None and rep.name == "ok", rep and rep.fields
-            meta = link.call_idempotent("metadata", 120, every=15, kallsyms=False)
+            meta = link.call_idempotent("metadata", 120, every=15, kallsyms=False,
+                                           blob_cap=64 << 20)
             assert meta is not None and meta.name == "metadata"
             files = protocol.unpack_files(meta)
             started = link.call("start", 60)

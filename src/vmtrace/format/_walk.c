@@ -19,6 +19,9 @@
  * and gather(), the fixed-field columns of EventFormat.columns_at (see below).
  *
  * Plain CPython API and the buffer protocol only: no numpy headers at build time.
+ *
+ * Why one file of this size: a C extension is one compiled unit, and its three walks
+ * share the record-header decoding and the bounds checks that make them safe.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
