@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -128,3 +129,15 @@ def fleet(base: Path) -> Dict[str, Path]:
                                                 meta_extra={"hostname": host})
                        for name, host, guests, lossy in FLEET}
     return _built[key]
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "timeline.md"
+
+
+def doc_queries() -> Dict[str, str]:
+    """The fleet queries of docs/timeline.md (```sql dataset blocks), by their first
+    comment line: the tests run them as they are printed there."""
+    out = {}
+    for q in re.findall(r"```sql dataset\n(.*?)```", DOC.read_text(), re.S):
+        out[q.splitlines()[0].lstrip("- ").strip()] = q
+    return out

@@ -9,27 +9,19 @@ import re
 import shutil
 import subprocess
 from collections import Counter
-from pathlib import Path
 
-import duckdb
 import pyarrow.parquet as pq
 import pytest
 
 import fleetsessions
+from fleetsessions import doc_queries
 from vmtrace import cli
 from vmtrace.export import dataset as D
 from vmtrace.session import SessionSource
 
 pytestmark = [pytest.mark.tracefs, pytest.mark.oracle]
-DOC = Path(__file__).resolve().parent.parent / "docs" / "timeline.md"
 
 
-def doc_queries() -> dict:
-    """The fleet queries of docs/timeline.md, by their first comment line."""
-    out = {}
-    for q in re.findall(r"```sql dataset\n(.*?)```", DOC.read_text(), re.S):
-        out[q.splitlines()[0].lstrip("- ").strip()] = q
-    return out
 
 
 @pytest.fixture(scope="module")
