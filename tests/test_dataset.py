@@ -159,18 +159,20 @@ def test_p99_is_the_discrete_percentile(fleet, dataset):
 
 def test_row_groups_are_time_slices(fleet, tmp_path):
     root = tmp_path / "ds"
-    assert cli.main(["export", str(fleet["hv1-a"]), "--dataset", str(root), "--slice", "20ms", "-q"]) == 0
+    assert cli.main(["export", str(fleet["hv1-a"]), "--dataset", str(root), "--slice", "10ms", "-q"]) == 0
     doc = D.read_manifest(str(root))
     (sid, s), = doc["sessions"].items()
-    assert s["slice_ns"] == 20_000_000
+    assert s["slice_ns"] == 10_000_000
     f = root / s["sources"]["g1"]["file"]
     md = pq.ParquetFile(f).metadata
-    assert md.num_row_groups == s["sources"]["g1"]["row_groups"] > 3
+    # the workload alone sleeps 40 x 2 ms and forks every 2 ms, traced from its first
+    # milliseconds to its end: more than 70 ms of events, so 10 ms slices make at least 5
+    assert md.num_row_groups == s["sources"]["g1"]["row_groups"] >= 5
     ts = md.schema.names.index("ts")
     bounds = [(md.row_group(i).column(ts).statistics.min, md.row_group(i).column(ts).statistics.max)
               for i in range(md.num_row_groups)]
     for lo, hi in bounds:
-        assert lo // 20_000_000 == hi // 20_000_000             # one slice per group
+        assert lo // 10_000_000 == hi // 10_000_000             # one slice per group
     assert all(a[1] < b[0] for a, b in zip(bounds, bounds[1:]))  # disjoint, in order: prunable
     # a time filter reads only the groups that overlap it (pyarrow's row-group filter)
     lo, hi = bounds[1]
@@ -204,7 +206,12 @@ def test_progress_and_summary(fleet, tmp_path, capsys):
     assert cli.main(["export", str(fleet["hv2-a"]), "--dataset", str(tmp_path / "ds")]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("vmtrace: [1/1] added ") and "host hv2" in err[0]
-    assert re.match(r"vmtrace: exported 1 session \(0 skipped\), \d+ events and 1 lost-events markers in ", err[-1])
+    doc = D.read_manifest(str(tmp_path / "ds"))
+    (s,) = doc["sessions"].values()
+    marks = sum(g["lost_marks"] for g in s["sources"].values())
+    assert marks >= 1     # the lossy guest's flood, at least
+    assert err[-1].startswith("vmtrace: exported 1 session (0 skipped), %d events and %d lost-events markers in "
+                              % (s["rows"], marks))
 
 
 def test_unknown_fields_are_kept_in_the_map(dataset):
