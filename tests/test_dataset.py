@@ -307,3 +307,12 @@ def test_full_disk_leaves_the_dataset_readable(fleet, tmp_path, capsys):
         assert not [p for p in root.rglob(".part-*")]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_an_empty_dataset_answers_with_its_columns(tmp_path, capsys):
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / D.MANIFEST).write_text(json.dumps(D.empty_manifest()))
+    for q in doc_queries().values():
+        assert cli.main(["sql", str(root), "--format", "jsonl", "--", q]) == 0
+        assert capsys.readouterr().out == ""
