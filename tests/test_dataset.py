@@ -316,3 +316,24 @@ def test_an_empty_dataset_answers_with_its_columns(tmp_path, capsys):
     for q in doc_queries().values():
         assert cli.main(["sql", str(root), "--format", "jsonl", "--", q]) == 0
         assert capsys.readouterr().out == ""
+
+
+def test_id_and_date_from_session_json(fleet, tmp_path):
+    """A recorder that writes an ``id`` and a ``wall_clock`` anchor names the session and
+    its day; without them the id is a digest and the day session.json's mtime."""
+    s = tmp_path / "s"
+    shutil.copytree(fleet["hv1-a"], s)
+    meta = json.loads((s / "session.json").read_text())
+    meta["id"] = "rec-0042"
+    meta["wall_clock"] = {"mono_ns": 1, "realtime_ns": 1767225600 * 10**9 + 5}    # 2026-01-01T00:00:00Z
+    (s / "session.json").write_text(json.dumps(meta))
+    root = tmp_path / "ds"
+    assert cli.main(["export", str(s), "--dataset", str(root), "-q"]) == 0
+    doc = D.read_manifest(str(root))
+    assert list(doc["sessions"]) == ["rec-0042"]
+    assert doc["sessions"]["rec-0042"]["date"] == "2026-01-01"
+    assert (root / "host=hv1" / "guest=g2" / "date=2026-01-01" / "part-rec-0042.parquet").is_file()
+    meta["id"] = "../x"            # unusable as a file name: the digest names it instead
+    (s / "session.json").write_text(json.dumps(meta))
+    assert cli.main(["export", str(s), "--dataset", str(root), "-q"]) == 0
+    assert sorted(D.read_manifest(str(root))["sessions"])[1].startswith("sha256-")
