@@ -267,6 +267,9 @@ def test_refuses_names_that_cannot_be_partitions(fleet, tmp_path, capsys):
     (s / "session.json").write_text(json.dumps(meta))
     err = _one_line_error(capsys, "export", str(s), "--dataset", str(tmp_path / "ds"))
     assert "host name" in err and "session.json" in err
+    assert not (tmp_path / "ds").exists()      # refused before anything was made
+    assert "no session.json" in _one_line_error(capsys, "export", str(tmp_path), "--dataset", str(tmp_path / "ds"))
+    assert not (tmp_path / "ds").exists()
     assert "host name" in _one_line_error(capsys, "export", str(s), "--dataset", str(tmp_path / "ds"),
                                           "--host", "a/b")
     assert "--date" in _one_line_error(capsys, "export", str(s), "--dataset", str(tmp_path / "ds"),

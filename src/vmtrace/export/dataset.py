@@ -469,10 +469,10 @@ def export_session(root: str, session_dir: str, *, host: Optional[str] = None, d
     if not isinstance(slice_ns, int) or slice_ns <= 0:
         raise VmtraceError("--slice must be a positive duration")
     t0 = time.monotonic()
-    with _locked(root):
-        doc = open_dataset(root, create=True)
-        with SessionSource(session_dir) as src:
-            info = describe(src, host, date)
+    with SessionSource(session_dir) as src:
+        info = describe(src, host, date)         # a bad session or name leaves no dataset behind
+        with _locked(root):
+            doc = open_dataset(root, create=True)
             old = doc["sessions"].get(info.id)
             if old is not None and not replace:
                 return ExportResult(info.id, session_dir, old.get("host", "?"), old.get("date", "?"), "skipped")
