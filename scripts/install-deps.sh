@@ -11,6 +11,8 @@ PACKAGES=(
   qemu-system-x86 linux-image-cloud-amd64 busybox-static trace-cmd kernelshark
   gcc libc6-dev make cpio gzip python3-venv
   chromium  # headless screenshots of the HTML timeline in tests
+  # Java 17 for pyspark (a dev extra; Spark 4 needs 17+): the fleet queries are checked on Spark
+  openjdk-17-jre-headless
   # libvirt: a domain from `vmtrace prepare --libvirt` is defined, started and traced in a test
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libxml2-utils
 )

@@ -1,5 +1,10 @@
 """`vmtrace sql SESSION_DIR "SELECT ..."`: SQL over a session, on DuckDB.
 
+Given a fleet dataset instead (a directory `vmtrace export --dataset` made), the query
+sees the whole dataset: the view ``events`` over every file (with the partition
+columns host, guest, date), the views of vmtrace.export.dataset.VIEWS (sched_switch,
+wakeups, lost) and the table ``sessions`` from its manifest. Nothing is written then.
+
 The session is exported once to Parquet (``SESSION_DIR/parquet``, partitioned by
 source and CPU, see vmtrace.export.session_parquet) and reused while it is newer than
 the session's files; the query sees a view ``events`` with columns ts (host ns),
@@ -106,22 +111,30 @@ def _cell(v) -> str:
 
 
 @click.command("sql")
-@click.argument("session_dir", type=click.Path(file_okay=False))
+@click.argument("session_dir", metavar="SESSION_DIR|DATASET", type=click.Path(file_okay=False))
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table", show_default=True)
 @click.option("--parquet", "pq_out", type=click.Path(file_okay=False), default=None,
               help="Where to keep the Parquet export (default SESSION_DIR/parquet).")
 @click.option("--refresh", is_flag=True, help="Rebuild the Parquet export even if it looks current.")
 def command(session_dir: str, query: str, fmt: str, pq_out: str | None, refresh: bool) -> None:
-    """Run QUERY against the view `events` of SESSION_DIR (all sources, host clock)."""
+    """Run QUERY against the view `events` of SESSION_DIR (all sources, host clock), or
+    of a whole dataset made by `vmtrace export --dataset DIR`."""
     import duckdb
 
-    pq_dir = parquet_for(session_dir, pq_out, refresh)
-    if not os.path.exists(os.path.join(pq_dir, "_SUCCESS")):
-        raise VmtraceError("%s: Parquet export incomplete" % pq_dir)
-    if not any(f.endswith(".parquet") for _r, _d, fs in os.walk(pq_dir) for f in fs):
-        raise VmtraceError("%s: the session has no events to query" % session_dir)
-    con = connect(pq_dir)
+    from vmtrace.export.dataset import duckdb_connect, is_dataset
+    if is_dataset(session_dir):
+        if pq_out or refresh:
+            raise VmtraceError("%s: a dataset is queried in place; --parquet and --refresh are for a session"
+                               % session_dir)
+        con = duckdb_connect(session_dir)
+    else:
+        pq_dir = parquet_for(session_dir, pq_out, refresh)
+        if not os.path.exists(os.path.join(pq_dir, "_SUCCESS")):
+            raise VmtraceError("%s: Parquet export incomplete" % pq_dir)
+        if not any(f.endswith(".parquet") for _r, _d, fs in os.walk(pq_dir) for f in fs):
+            raise VmtraceError("%s: the session has no events to query" % session_dir)
+        con = connect(pq_dir)
     try:
         cur = con.execute(query)
     except duckdb.Error as exc:
