@@ -1,5 +1,5 @@
 """`vmtrace export --dataset` and `vmtrace sql DATASET` on real sessions of this machine
-(tests/fleetsessions.py: two "hosts", three sessions, four guests, one of them made to
+(tests/support/fleetsessions.py: two "hosts", three sessions, four guests, one of them made to
 lose events), checked against the sessions themselves read through vmtrace.open."""
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def fleet(base: Path) -> Dict[str, Path]:
     return _built[key]
 
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "timeline.md"
+DOC = Path(__file__).resolve().parent.parent.parent / "docs" / "timeline.md"
 
 
 def doc_queries() -> Dict[str, str]:

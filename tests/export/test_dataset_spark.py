@@ -1,5 +1,5 @@
 """The fleet queries of docs/timeline.md on Apache Spark (pyspark, local mode) and on
-DuckDB, over the same dataset of real sessions (tests/fleetsessions.py): the results
+DuckDB, over the same dataset of real sessions (tests/support/fleetsessions.py): the results
 must be equal.
 
 Equal means equal values row by row, in the order the queries' ORDER BY fixes (every
