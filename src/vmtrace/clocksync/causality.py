@@ -46,6 +46,7 @@ class GuestCheck:
     violations: List[Violation] = field(default_factory=list)
     report: Optional[SyncReport] = None
     margin_ns: Optional[int] = None   # smallest distance of a mapped marker to its bounds
+    events_checked: int = 0           # guest events checked against their vCPU thread (tcg)
     notes: List[str] = field(default_factory=list)
 
 
@@ -75,7 +76,16 @@ def check_guest(session, name: str, cmap: Optional[ClockMap] = None, *, skew_ns:
     """Check one guest of a :class:`vmtrace.session.Session`."""
     gc = GuestCheck(name)
     pairs = session.probe_markers(name)
-    if holdout:
+    ev = _tcg_evidence(session, name) if holdout else None
+    if ev is not None:
+        # tcg: refit on every other guest event; check the others against their vCPU
+        # thread's running time, and every probe and order against the refitted map
+        from vmtrace.clocksync import tcg
+        cmap, gc.report, gc.events_checked, bad = tcg.holdout(ev)
+        for x, mapped, lo, hi in bad:
+            gc.violations.append(Violation(name, "guest event (raw ts %d) in its vCPU thread's off-CPU gap" % x,
+                                           mapped, lo, hi))
+    elif holdout:
         from vmtrace.clocksync import ptp
         fit_on = [(p[0], mts, p[2]) for i, (p, mts) in enumerate(pairs) if i % 2 == 0]
         if len(fit_on) < 2:
@@ -99,6 +109,12 @@ def check_guest(session, name: str, cmap: Optional[ClockMap] = None, *, skew_ns:
             gc.probes_checked += 1
     _check_orders(session, name, cmap, gc)
     return gc
+
+
+def _tcg_evidence(session, name: str):
+    """The tcg method's evidence for this guest, when that method mapped it."""
+    session.clock_map(name)
+    return getattr(session, "_tcg_evidence", {}).get(name)
 
 
 def _marker_cpu(session, name: str, ts: int) -> int:

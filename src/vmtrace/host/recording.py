@@ -124,6 +124,7 @@ class Recording:
         try:
             if self.opts.host_events:
                 self._spawn_host_agent()
+                self._start_vcpu_sync()
             for g in self.guests.values():
                 self._open(g)
             self.drainer.start()
@@ -135,6 +136,7 @@ class Recording:
                     g.task = conversation.finish(g, self.opts)
             self._drive(stopping=True)
         finally:
+            self._stop_vcpu_sync()
             self.drainer.stop()
             for g in self.guests.values():
                 self._close(g)
@@ -315,6 +317,42 @@ class Recording:
             + ([] if self.opts.kallsyms else ["--no-kallsyms"]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.guests[HOST_NAME] = g
+
+    def _start_vcpu_sync(self) -> None:
+        """With host events, record what puts TCG guests on the host's clock to the
+        microsecond (host/vcpusync.py); a guest it cannot serve keeps the probe fit,
+        and session.json says why."""
+        from vmtrace.host import vcpusync
+
+        self.vcpu_rec = None
+        tids = []
+        for g in self.guests.values():
+            if g.process is not None:
+                continue
+            plan, why = vcpusync.plan(g.layout.path, g.layout.cpus)
+            g.sync = dict(method="tcg", **plan) if plan else {"method": "ptp", "why": why}
+            if plan:
+                tids += list(plan["vcpu_threads"].values())
+        if not tids:
+            return
+        try:
+            self.vcpu_rec = vcpusync.VcpuRecord(self.outdir, tids)
+            self.vcpu_rec.start()
+        except (OSError, VmtraceError) as exc:
+            self.vcpu_rec = None
+            for g in self.guests.values():
+                if g.sync and g.sync.get("method") == "tcg":
+                    g.sync = {"method": "ptp", "why": "host vCPU record not started: %s" % exc}
+
+    def _stop_vcpu_sync(self) -> None:
+        rec = getattr(self, "vcpu_rec", None)
+        if rec is None:
+            return
+        self.vcpu_rec = None
+        doc = rec.stop()
+        for g in self.guests.values():
+            if g.sync and g.sync.get("method") == "tcg":
+                g.sync.update(doc)
 
     def _open(self, g: Guest) -> None:
         os.makedirs(g.raw, mode=0o750)

@@ -158,7 +158,12 @@ class AgentGuest:
         self.lines: List[str] = []
         self._cond = threading.Condition()
         self._user_on_line = on_line
-        self.guest = Guest(image, script=script, qemu_args=self.layout.qemu_args(), smp=smp,
+        # QMP and named threads let the recorder map each vCPU to its host thread
+        # (host/vcpusync.py: the microsecond clock sync and the steal tracks)
+        self.qmp = self.workdir / "qmp.sock"
+        qemu_args = self.layout.qemu_args() + ["-name", "%s,debug-threads=on" % name,
+                                               "-qmp", "unix:%s,server=on,wait=off" % self.qmp]
+        self.guest = Guest(image, script=script, qemu_args=qemu_args, smp=smp,
                            memory_mb=memory_mb, accel=accel, workdir=self.workdir / "qemu",
                            on_line=self._on_line)
 
