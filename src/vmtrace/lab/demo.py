@@ -249,6 +249,7 @@ class DemoResult:
     agent_lost: int
     timings: Dict[str, float] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
+    sync: str = ""          # the merged timeline's clock sync bound, as the title says it
 
 
 class Ui:
@@ -303,6 +304,20 @@ def _stream_totals(session: Any) -> tuple[int, int]:
             nbytes += int(st["written"])
             pages += int(st["pages"])
     return nbytes, pages
+
+
+def _sync_bound(outdir: str) -> str:
+    """`; guest on host clock within +-X us (method)` for the merged timeline's title."""
+    from vmtrace.session import Session
+    try:
+        s = Session(outdir)
+        s.clock_map(GUEST_NAME)
+        r = s.reports.get(GUEST_NAME)
+    except VmtraceError as exc:
+        return "; guest not on the host's clock (%s)" % str(exc)[:80]
+    if r is None:
+        return ""
+    return "; guest on the host's clock within +-%.1f us (%s)" % (r.max_error_ns / 1000.0, r.method)
 
 
 def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
@@ -393,9 +408,10 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
     from vmtrace.export.html import write_timeline
 
     source = outdir if host_dat else dat
+    sync = _sync_bound(outdir) if host_dat else ""
     try:
-        write_timeline(source, png, html, title="vmtrace demo: guest %s (%d vCPU, %s), %g s"
-                       % (GUEST_NAME, opts.smp, accel.upper(), opts.seconds))
+        write_timeline(source, png, html, title="vmtrace demo: guest %s (%d vCPU, %s), %g s%s"
+                       % (GUEST_NAME, opts.smp, accel.upper(), opts.seconds, sync))
     except VmtraceError as exc:
         problems.append("timeline not drawn: %s" % exc)
         png = html = None
@@ -411,7 +427,7 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
                         ready=ready, session=doc, stats=stats, report=report, scores=scores,
                         bytes=sum(int(s["written"]) for s in host_stats.values()),
                         pages=sum(int(s["pages"]) for s in host_stats.values()),
-                        agent_lost=agent_lost, timings=timings, problems=problems)
+                        agent_lost=agent_lost, timings=timings, problems=problems, sync=sync.lstrip("; "))
     files = [os.path.basename(p) for p in (dat, host_dat, png, html) if p] + ["session.json"]
     with open(os.path.join(outdir, MARKER), "w") as f:
         json.dump({"files": files, "seconds": opts.seconds, "accel": accel, "scores": scores,
