@@ -108,7 +108,26 @@ def check_guest(session, name: str, cmap: Optional[ClockMap] = None, *, skew_ns:
             _within(name, "probe" + ("" if seq is None else " seq=%s" % seq), h, int(p[0]), int(p[2]), gc)
             gc.probes_checked += 1
     _check_orders(session, name, cmap, gc)
+    if ev is None and getattr(cmap, "method", "") == "tcg":
+        ev = _tcg_evidence(session, name)
+        if ev is not None:
+            _check_containment(name, cmap, ev, gc)
     return gc
+
+
+def _check_containment(name: str, cmap, ev, gc: GuestCheck) -> None:
+    """Every guest event of the tcg method's evidence must be mapped inside a running
+    interval of its vCPU's host thread: one violation per event mapped into an
+    off-CPU gap (a map shifted past its bound puts the events at the band's edge there)."""
+    from vmtrace.clocksync import containment
+
+    bad = containment.gap_events(ev.g, ev.th, ev.on, cmap.offset_for)
+    gc.events_checked += len(ev.g)
+    for x, d in bad:
+        h = int(cmap.to_host(np.array([x], dtype=np.int64))[0])
+        ns = int(round(d / ev.clock.per_ns))
+        gc.violations.append(Violation(name, "guest event (raw ts %d) in its vCPU thread's off-CPU gap" % x,
+                                       h, h + ns, h + ns))
 
 
 def _tcg_evidence(session, name: str):

@@ -82,7 +82,10 @@ class TcgMap:
         self._offsets = np.array([s.offset for s in self.segments], dtype=np.int64)
 
     def offset_for(self, g: int) -> int:
-        return int(self._offsets[bisect.bisect_right(self._starts, g)])
+        """The offset (host TSC units) this map uses at guest time ``g``, a deliberate
+        shift (:meth:`shifted`) included."""
+        shift = self.delta_ns * self.clock.per_ns if self.clock is not None else self.delta_ns
+        return int(self._offsets[bisect.bisect_right(self._starts, g)]) - int(round(shift))
 
     def to_host(self, ts: np.ndarray, cpu: Optional[np.ndarray] = None) -> np.ndarray:
         ts = np.asarray(ts).astype(np.int64)

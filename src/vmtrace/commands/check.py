@@ -79,6 +79,7 @@ def command(session_dir: str, guests: tuple, skew_ns: int, holdout: bool, as_jso
             r = g.report
             out["guests"][n] = {
                 "probes_checked": g.probes_checked, "orders_checked": g.orders_checked,
+                "events_checked": g.events_checked,
                 "violations": [str(v) for v in g.violations], "margin_ns": g.margin_ns,
                 "method": r.method if r else None, "error_ns": r.error_ns if r else None,
                 "max_error_ns": r.max_error_ns if r else None, "rtt_median_ns": r.rtt_median_ns if r else None,
@@ -92,8 +93,10 @@ def command(session_dir: str, guests: tuple, skew_ns: int, holdout: bool, as_jso
     else:
         for n, g in main.guests.items():
             r = g.report
-            line = "%s: %d probes and %d order bounds checked, %d violations" % (
-                n, g.probes_checked, g.orders_checked, len(g.violations))
+            line = "%s: %d probes and %d order bounds checked%s, %d violations" % (
+                n, g.probes_checked, g.orders_checked,
+                " and %d guest events inside their vCPU thread's running time" % g.events_checked
+                if g.events_checked else "", len(g.violations))
             if r is not None and r.method == "ptp":
                 line += "; sync error %s (worst window %s; %d probes, median round trip %s, drift %.2f ppm)" % (
                     _us(r.error_ns), _us(r.max_error_ns), r.probes, _us(r.rtt_median_ns), r.drift_ppm)
