@@ -71,11 +71,12 @@ def _negotiate(g: Guest, opts: Options, hello: protocol.Message) -> Task:
         g.problem("agent traces CPUs %s but only %d data ports were prepared" % (short(missing), g.layout.cpus))
     conf: Dict[str, Any] = {}
     events = opts.host_events if g.process else opts.events
-    if events and g.sync:
+    served = bool(g.sync) and g.sync.get("method") in ("tcg", "kvm")   # host/vcpusync.py
+    if events and served and g.sync.get("method") == "tcg":
         events = list(events) + [e for e in vcpusync.GUEST_SYNC_EVENTS if e not in events]
     if events:
         conf["events"] = list(events)
-    clock = "mono" if g.process else (opts.clock or ("x86-tsc" if g.sync else None))
+    clock = "mono" if g.process else (opts.clock or ("x86-tsc" if served else None))
     if clock:
         conf["clock"] = clock
     if opts.buffer_kb:

@@ -325,33 +325,52 @@ class Recording:
         from vmtrace.host import vcpusync
 
         self.vcpu_rec = None
-        tids = []
+        self._sync_plans: Dict[str, Dict[str, Any]] = {}
+        tids, kvm_tids = [], []
         for g in self.guests.values():
             if g.process is not None:
                 continue
             plan, why = vcpusync.plan(g.layout.path, g.layout.cpus)
-            g.sync = dict(method="tcg", **plan) if plan else {"method": "ptp", "why": why}
-            if plan:
-                tids += list(plan["vcpu_threads"].values())
-        if not tids:
+            if plan is None:
+                g.sync = {"method": "ptp", "why": why}
+                continue
+            self._sync_plans[g.name] = plan
+            g.sync = dict(plan)
+            g.sync.pop("kvm_dir", None)
+            threads = list((plan.get("vcpu_threads") or {}).values())
+            tids += threads
+            if plan["method"] == "kvm":
+                kvm_tids += threads
+        if not self._sync_plans:
             return
         try:
-            self.vcpu_rec = vcpusync.VcpuRecord(self.outdir, tids)
+            self.vcpu_rec = vcpusync.VcpuRecord(self.outdir, tids, kvm_tids)
             self.vcpu_rec.start()
         except (OSError, VmtraceError) as exc:
             self.vcpu_rec = None
             for g in self.guests.values():
-                if g.sync and g.sync.get("method") == "tcg":
+                if g.name in self._sync_plans:
                     g.sync = {"method": "ptp", "why": "host vCPU record not started: %s" % exc}
+            self._sync_plans = {}
 
     def _stop_vcpu_sync(self) -> None:
+        from vmtrace.host import vcpusync
+
         rec = getattr(self, "vcpu_rec", None)
         if rec is None:
             return
         self.vcpu_rec = None
         doc = rec.stop()
         for g in self.guests.values():
-            if g.sync and g.sync.get("method") == "tcg":
+            plan = self._sync_plans.get(g.name)
+            if plan is None:
+                continue
+            if plan["method"] == "kvm":
+                try:
+                    g.sync = vcpusync.kvm_section(plan, doc, rec.path)
+                except VmtraceError as exc:
+                    g.sync = {"method": "ptp", "why": "KVM TSC offsets not read: %s" % exc}
+            else:
                 g.sync.update(doc)
 
     def _open(self, g: Guest) -> None:

@@ -46,9 +46,9 @@ _CPU_COMM = re.compile(r"^CPU (\d{1,4})/(TCG|KVM)$")
 
 
 # -- finding QEMU and its vCPU threads --------------------------------------------------
-def _cmdline(pid: int) -> List[str]:
+def _cmdline(pid: int, proc: str = "/proc") -> List[str]:
     try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
+        with open("%s/%d/cmdline" % (proc, pid), "rb") as f:
             raw = f.read(MAX_CMDLINE)
     except OSError:
         return []
@@ -66,7 +66,7 @@ def find_qemu(port_dir: str, proc: str = "/proc") -> Optional[int]:
     for n in names:
         if not n.isdigit():
             continue
-        argv = _cmdline(int(n))
+        argv = _cmdline(int(n), proc)
         if argv and "qemu-system" in os.path.basename(argv[0]) and any(port_dir in a for a in argv):
             return int(n)
     return None
@@ -145,14 +145,17 @@ def proc_cpus(pid: int, ncpus: int, proc: str = "/proc") -> Dict[int, int]:
     return out
 
 
-def plan(port_dir: str, ncpus: int) -> Tuple[Optional[Dict[str, Any]], str]:
-    """The sync plan for one guest, or (None, why not)."""
-    pid = find_qemu(port_dir)
+def plan(port_dir: str, ncpus: int, proc: str = "/proc", debugfs: Optional[str] = None) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The sync plan for one guest, or (None, why not). A TCG x86 guest gets the tcg
+    method; a KVM guest the kvm method (its VM's debugfs directory, read at the end)."""
+    from vmtrace.clocksync import kvm
+
+    pid = find_qemu(port_dir, proc)
     if pid is None:
         return None, "no QEMU process on this host names %s" % port_dir
-    facts = qemu_facts(_cmdline(pid))
-    if facts["accel"] != "tcg" or facts["arch"] != "x86":
-        return None, "QEMU %d is not a TCG x86 guest (%s, %s)" % (pid, facts["accel"], facts["arch"])
+    facts = qemu_facts(_cmdline(pid, proc))
+    if facts["arch"] != "x86":
+        return None, "QEMU %d is not an x86 guest" % pid
     threads, how = {}, ""
     if facts["qmp"]:
         try:
@@ -160,12 +163,65 @@ def plan(port_dir: str, ncpus: int) -> Tuple[Optional[Dict[str, Any]], str]:
         except VmtraceError:
             threads = {}
     if not threads:
-        threads, how = proc_cpus(pid, ncpus), "/proc comm"
+        threads, how = proc_cpus(pid, ncpus, proc), "/proc comm"
+    if facts["accel"] == "kvm":
+        try:
+            dirs = kvm.find_vm_dirs(pid, debugfs or kvm.KVM_DEBUGFS)
+        except VmtraceError as exc:
+            return None, "KVM guest, but %s" % exc
+        if len(dirs) != 1:
+            return None, "KVM guest, but %d debugfs directories for QEMU %d" % (len(dirs), pid)
+        out: Dict[str, Any] = {"method": "kvm", "qemu_pid": pid, "kvm_dir": dirs[0]}
+        if threads:
+            out.update(vcpu_threads={str(k): v for k, v in sorted(threads.items())}, vcpu_map_from=how)
+        return out, ""
     if not threads:
         return None, ("cannot tell QEMU %d's vCPU threads apart (give QEMU -qmp unix:PATH,server=on,wait=off "
                       "or -name NAME,debug-threads=on)" % pid)
-    return {"qemu_pid": pid, "vcpu_threads": {str(k): v for k, v in sorted(threads.items())},
+    return {"method": "tcg", "qemu_pid": pid, "vcpu_threads": {str(k): v for k, v in sorted(threads.items())},
             "vcpu_map_from": how}, ""
+
+
+_KVM_TSC = re.compile(r"kvm_write_tsc_offset: vcpu[= ](\d{1,5}),? prev[= ](\d{1,20}),? next[= ](\d{1,20})")
+
+
+def kvm_section(plan: Dict[str, Any], record: Dict[str, Any], text_path: Optional[str]) -> Dict[str, Any]:
+    """session.json's ``sync`` for a KVM guest (clocksync/kvm.py ``from_session``): the
+    offsets and scalings in debugfs at the end, the ``kvm_write_tsc_offset`` changes the
+    host instance saw (host TSC), and the host TSC -> CLOCK_MONOTONIC line from the
+    anchors (the host's trace.dat is on ``mono``)."""
+    from vmtrace.clocksync import hostsched, kvm
+
+    vcpus = kvm.read_vm(plan["kvm_dir"])
+    out = {k: v for k, v in plan.items() if k != "kvm_dir"}
+    out.update(record)
+    out["vcpus"] = {str(n): {"offset": v.offset, "ratio": v.ratio, "frac_bits": v.frac_bits}
+                    for n, v in sorted(vcpus.items())}
+    changes, stamps = [], {}
+    if text_path and os.path.exists(text_path):
+        with open(text_path, errors="replace") as f:
+            for line in f:
+                m = _KVM_TSC.search(line)
+                if m:
+                    ts = re.search(r"\s(\d{1,20}): kvm_write_tsc_offset", line)
+                    if ts:
+                        changes.append([int(ts.group(1)), int(m.group(1)), _signed(int(m.group(2))),
+                                        _signed(int(m.group(3)))])
+        stamps = hostsched.read(text_path, []).anchors
+    out["changes"] = sorted(changes)
+    pts = [((lo + hi) // 2, stamps[seq]) for seq, lo, hi in record.get("anchors", []) if seq in stamps]
+    if len(pts) >= 2 and pts[-1][1] > pts[0][1] and pts[-1][0] > pts[0][0]:
+        (n0, t0), (n1, t1) = pts[0], pts[-1]
+        out["anchor"] = [t0, n0]
+        out["tsc_khz"] = (t1 - t0) / (n1 - n0) * 1e6
+    else:
+        out.setdefault("problems", []).append("no TSC anchors: host TSC cannot be put on the host's clock")
+    return out
+
+
+def _signed(v: int) -> int:
+    v %= 1 << 64
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 # -- the host-side record -------------------------------------------------------------------
@@ -178,11 +234,12 @@ def _filters(tids: List[int]) -> Tuple[str, str]:
 class VcpuRecord:
     """The host tracefs instance recording the vCPU threads, and its anchors."""
 
-    def __init__(self, outdir: str, tids: List[int]):
+    def __init__(self, outdir: str, tids: List[int], kvm_tids: Optional[List[int]] = None):
         from vmtrace.tracefs import Tracefs
 
         self.path = os.path.join(outdir, SYNC_FILE)
         self.tids = sorted(set(tids))
+        self.kvm_tids = sorted(set(kvm_tids or []))
         self.tf = Tracefs.create_instance("vmtrace-sync-%d" % os.getpid(), exist_ok=False)
         self.anchors: List[List[int]] = []
         self.problems: List[str] = []
@@ -203,10 +260,16 @@ class VcpuRecord:
                 raise VmtraceError("the host offers no x86-tsc trace clock")
             tf.clock = "x86-tsc"
             tf.buffer_size_kb = BUFFER_KB
-            sw, wk = _filters(self.tids)
-            tf.write("events/sched/sched_switch/filter", sw)
-            tf.write("events/sched/sched_wakeup/filter", wk)
-            tf.enable_events(["sched:sched_switch", "sched:sched_wakeup"])
+            if self.tids:
+                sw, wk = _filters(self.tids)
+                tf.write("events/sched/sched_switch/filter", sw)
+                tf.write("events/sched/sched_wakeup/filter", wk)
+                tf.enable_events(["sched:sched_switch", "sched:sched_wakeup"])
+            if self.kvm_tids:
+                # offset writes of these VMs' vCPU threads (KVM writes it from the vCPU's ioctl)
+                tf.write("events/kvm/kvm_write_tsc_offset/filter",
+                         "||".join("common_pid==%d" % t for t in self.kvm_tids))
+                tf.enable_events(["kvm:kvm_write_tsc_offset"])
             self._out = open(self.path, "w")
             self._pipe_fd = os.open(tf.file("trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
             self._marker_fd = os.open(tf.file("trace_marker"), os.O_WRONLY)
