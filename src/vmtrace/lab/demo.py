@@ -160,7 +160,10 @@ class AgentGuest:
         self._user_on_line = on_line
         # QMP and named threads let the recorder map each vCPU to its host thread
         # (host/vcpusync.py: the microsecond clock sync and the steal tracks)
-        self.qmp = self.workdir / "qmp.sock"
+        # in a short directory of its own: a unix socket path holds at most 107 bytes,
+        # and a test's workdir can be longer
+        self._qmp_dir = tempfile.mkdtemp(prefix="vmtq-")
+        self.qmp = Path(self._qmp_dir) / "qmp.sock"
         qemu_args = self.layout.qemu_args() + ["-name", "%s,debug-threads=on" % name,
                                                "-qmp", "unix:%s,server=on,wait=off" % self.qmp]
         self.guest = Guest(image, script=script, qemu_args=qemu_args, smp=smp,
@@ -213,6 +216,7 @@ class AgentGuest:
 
     def close(self) -> None:
         self.guest.close()
+        shutil.rmtree(self._qmp_dir, ignore_errors=True)
 
 
 # -- the demo ---------------------------------------------------------------------------------
