@@ -167,3 +167,51 @@ def test_parse_counts_bad_lines_and_reads_anchors():
     assert hs.anchors == {4: 100} and hs.bad == 2
     (sw,) = hs.switches
     assert (sw.kind, sw.state, sw.other) == ("out", "R+", "yes-11")
+
+
+def test_session_json_sync_fields_are_checked():
+    from vmtrace.errors import VmtraceError
+
+    assert hostsched.thread_map({"0": 12, "1": 13}, "w") == {0: 12, 1: 13}
+    for bad in ({}, {"0": -1}, {"x": 3}, {"0": True}, {"0": 1 << 40}, [1], {"²": 4}):
+        with pytest.raises(VmtraceError):
+            hostsched.thread_map(bad, "w")
+    assert hostsched.anchors_from([[1, 5, 6]], "w") == [(1, 5, 6)]
+    for bad in ([[1, 6, 5]], [[1, 2]], [["1", 2, 3]], "x", [[1, -1, 2]]):
+        with pytest.raises(VmtraceError):
+            hostsched.anchors_from(bad, "w")
+
+
+def test_steal_states_from_constructed_switches():
+    from vmtrace.clocksync import steal
+
+    H = C.HostSwitch
+    recs = [H(100, 7, "in"),
+            H(200, 7, "out", "R+", "yes-11"),     # preempted by yes: steal 200..260
+            H(260, 7, "in"),
+            H(300, 7, "out", "S", "swapper/0-0"),  # halted: sleeping 300..400
+            H(400, 7, "wakeup"),                  # woken: waiting 400..410 (steal)
+            H(410, 7, "in"),
+            H(500, 7, "out", "R", "yes-11"),      # preempted 500..?
+            H(550, 7, "own"),                     # it ran: the switch-in was lost
+            H(600, 7, "out", "S", "x-1")]
+    st = steal.states(recs, [7], end=700)[7]
+    assert st.total("running") == 100 + 40 + 90 + 50
+    assert st.total("preempted") == 60 + 50 and st.total("waking") == 10
+    assert st.steal == 120 and st.total("sleeping") == 100 + 100
+    assert (st.longest_steal.start, st.longest_steal.end) == (200, 260)
+    assert st.top_others() == [("yes-11", 110)]
+    clipped = steal.clipped({7: st}, 250, 450)[7]
+    assert clipped.steal == 10 + 10 and clipped.total("running") == 40 + 40
+
+
+def test_tcg_map_is_monotonic_across_a_segment_change():
+    from vmtrace.clocksync.tcg import TcgMap
+
+    segs = [C.Segment(0, 999, [(5000, 5010)]), C.Segment(1000, 2000, [(-3000, -2990)])]
+    m = TcgMap(segs, None)
+    g = np.arange(0, 2001, dtype=np.int64)
+    h = m.to_host(g)
+    assert np.all(np.diff(h) >= 0)
+    assert h[0] == -5005 and h[1000] == 1000 + 2995
+    assert m.shifted(7).to_host(g)[0] == -4998 and m.shifted(7).offset_for(0) == 4998

@@ -176,3 +176,18 @@ def test_steal_matches_the_hosts_own_accounting(recorded, capsys):
     assert cli.main(["report", str(out), "--steal"]) == 0
     table = capsys.readouterr().out
     assert "%d" % tid in table and "steal" in table
+
+
+def test_timeline_has_a_host_thread_track_per_vcpu_with_steal(recorded):
+    from vmtrace.export.timeline import STEAL_COMM, model
+    from vmtrace.session import SessionSource
+
+    out, _ = recorded
+    with SessionSource(str(out)) as src:
+        tl = model(src)
+    tracks = [t for t in tl.tracks if tl.kind(t[0]) == "vcpu-thread"]
+    assert tracks == [(GUEST + "/vcpu-threads", 0), (GUEST + "/vcpu-threads", 1)]
+    k = tl.tracks.index((GUEST + "/vcpu-threads", 1))
+    steal_ix = [i for i, t in enumerate(tl.tasks) if t[1] == STEAL_COMM]
+    assert ((tl.s_track == k) & np.isin(tl.s_task, steal_ix)).any()
+    assert tl.track_label(tracks[1]) == "%s vCPU 1: host thread" % GUEST
