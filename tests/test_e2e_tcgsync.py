@@ -191,3 +191,18 @@ def test_timeline_has_a_host_thread_track_per_vcpu_with_steal(recorded):
     steal_ix = [i for i, t in enumerate(tl.tasks) if t[1] == STEAL_COMM]
     assert ((tl.s_track == k) & np.isin(tl.s_task, steal_ix)).any()
     assert tl.track_label(tracks[1]) == "%s vCPU 1: host thread" % GUEST
+
+
+def test_perfetto_export_has_the_vcpu_thread_tracks(recorded, tmp_path):
+    pb = pytest.importorskip("perfetto.protos.perfetto.trace.perfetto_trace_pb2")
+    out, threads = recorded
+    path = tmp_path / "s.pftrace"
+    assert cli.main(["report", str(out), "--format", "perfetto", "-o", str(path)]) == 0
+    t = pb.Trace()
+    t.ParseFromString(path.read_bytes())
+    desc = {p.track_descriptor.uuid: p.track_descriptor.name for p in t.packet if p.HasField("track_descriptor")}
+    assert sorted(desc.values()) == ["%s vCPU %d: host thread %d" % (GUEST, c, threads[c]) for c in (0, 1)]
+    vcpu1 = next(u for u, n in desc.items() if n.startswith("%s vCPU 1:" % GUEST))
+    begins = [p.track_event.name for p in t.packet if p.HasField("track_event")
+              and p.track_event.track_uuid == vcpu1 and p.track_event.type == 1]
+    assert any(n.startswith("steal (ran: ") for n in begins) and "vCPU running" in begins
