@@ -197,9 +197,20 @@ def report_of(ev: Evidence) -> SyncReport:
     return rep
 
 
+def _validate(session: Any, name: str) -> None:
+    """A malformed sync section is bad input (one error line), not a reason to fall back."""
+    sync = session.source(name).sync or {}
+    where = "session.json: guest %s: sync" % name
+    hostsched.thread_map(sync.get("vcpu_threads"), where)
+    hostsched.anchors_from(sync.get("anchors") or [], where)
+    session._file(sync.get("file"), name + " sync")
+
+
 def build(session: Any, name: str) -> Tuple[Any, SyncReport]:
     """The method's entry in :data:`vmtrace.clocksync.METHODS`; falls back to the
-    probe fit (with a note) when the containment method cannot apply."""
+    probe fit (with a note) when the containment method cannot apply (another guest
+    clock, no anchors, evidence that places nothing)."""
+    _validate(session, name)
     try:
         ev = prepare(session, name)
     except VmtraceError as exc:
