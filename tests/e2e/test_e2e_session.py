@@ -49,7 +49,7 @@ def _record(tmp: Path, clock: str) -> Path:
         ag.guest.wait_exit(90)
     g = doc["guests"][GUEST]
     assert doc["errors"] == [] and g["problems"] == [] and doc["host"]["problems"] == [], doc
-    assert g["protocol"] == "vmtrace" and g["clock"] == clock and g["file"] == GUEST + ".dat"
+    assert g["protocol"] == "vmtrace" and g["clock"] == (clock or "x86-tsc") and g["file"] == GUEST + ".dat"
     assert all(len(p) == 4 for p in g["probes"]) and len(g["probes"]) >= 4
     assert [o[0] for o in g["orders"][:2]] == ["start", "stop"] and all(o[3] for o in g["orders"][:2])
     _figures(out)
@@ -72,8 +72,8 @@ def _figures(out: Path) -> dict:
     def q(a):
         return {k: round(float(v) / 1e3, 1) for k, v in zip(("min", "p50", "max"), np.percentile(a, [0, 50, 100]))}
 
-    fig = {"clock": s.source(GUEST).clock, "probes": len(s.source(GUEST).probes), "paired": len(pairs),
-           "error_us": round(rep.error_ns / 1e3, 1), "max_error_us": round(rep.max_error_ns / 1e3, 1),
+    fig = {"clock": s.source(GUEST).clock, "method": rep.method, "probes": len(s.source(GUEST).probes),
+           "paired": len(pairs), "error_us": round(rep.error_ns / 1e3, 1), "max_error_us": round(rep.max_error_ns / 1e3, 1),
            "drift_ppm": round(rep.drift_ppm, 1), "rtt_us": q(rtt), "marker_minus_guest_ns_us": q(lag),
            "out_us": q(out_d), "back_us": q(back_d)}
     (out.parent / "figures.json").write_text(json.dumps(fig, indent=1))
@@ -83,7 +83,10 @@ def _figures(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def mono(tmp_path_factory) -> Path:
-    return _record(tmp_path_factory.mktemp("e2e-mono"), "mono")
+    """The main session. No --clock: with host events the recorder picks x86-tsc for
+    this TCG guest and records its vCPU threads, and the tcg method maps it (issue 15).
+    (The fixture keeps its old name; the guest clock is x86-tsc.)"""
+    return _record(tmp_path_factory.mktemp("e2e-tsc"), None)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +106,14 @@ def test_check_passes_with_zero_violations(mono, capsys):
     code, res = _check(mono, capsys=capsys)
     g = res["guests"][GUEST]
     assert (code, res["violations"]) == (0, 0), res
-    assert g["method"] == "ptp" and g["probes_checked"] >= 4
+    assert g["method"] == "tcg" and g["probes_checked"] >= 4
     # both order markers (start, stop) plus the first-event and last-event bounds
     assert g["orders_checked"] == 4
-    assert g["holdout"]["probes_checked"] >= 2 and g["holdout"]["violations"] == []
+    # the hold-out refits on every other guest event and checks the others against
+    # their vCPU thread's running time, and every probe against the refitted map: it
+    # fails only if the method's bound is wrong, not when probes were slow
+    assert g["holdout"]["probes_checked"] >= 2 and g["holdout"]["events_checked"] > 100
+    assert g["holdout"]["violations"] == []
     assert g["error_ns"] > 0
     # the text form ends with the count
     assert cli.main(["check", str(mono)]) == 0
@@ -115,13 +122,15 @@ def test_check_passes_with_zero_violations(mono, capsys):
 
 def test_a_wrong_offset_is_caught(mono, capsys):
     _code, res = _check(mono, capsys=capsys)
-    # Past the error bound the fitted line leaves the band every probe allows: the
-    # probes at the band's edge (and with them the check) must fail, either way.
+    # Past the error bound the offset leaves the band the evidence allows: the guest
+    # events at the band's edge land in their vCPU thread's off-CPU gaps (tcg; with
+    # the probe fit, the probes at the band's edge leave their round trip), either way.
     skew = int(3 * res["guests"][GUEST]["max_error_ns"]) + 1000
     for sign in (1, -1):
         code, bad = _check(mono, "--skew-ns", str(sign * skew), capsys=capsys)
         assert code == 1 and bad["violations"] > 0, bad
-        assert any("probe seq=" in v or "order" in v for v in bad["guests"][GUEST]["violations"])
+        assert any("off-CPU gap" in v or "probe seq=" in v or "order" in v
+                   for v in bad["guests"][GUEST]["violations"])
 
 
 def test_merged_is_sorted_and_every_event_survives(mono, merged):
@@ -227,8 +236,13 @@ def test_html_page_loads_in_headless_chromium(mono, merged, tmp_path):
 def test_global_clock_guest(tmp_path):
     """The guest's default clock, `global` (sched_clock based), which user space cannot
     read: the agent's reply carries CLOCK_MONOTONIC marked approximate, and the fit
-    must use the markers. It still merges with 0 violations."""
+    must use the markers. A clock other than x86-tsc keeps the probe fit (the tcg method
+    says why in a note), whose probes and orders check with 0 violations; its hold-out
+    (a refit on half the probes) depends on how quick the other half's round trips were,
+    so it is reported by `vmtrace check` and not asserted here."""
     out = _record(tmp_path, "global")
     s = merge.Session(str(out))
     assert s.fit_probes(GUEST) and len(s.probe_markers(GUEST)) >= 4
-    assert cli.main(["check", str(out)]) == 0
+    s.clock_map(GUEST)
+    assert s.reports[GUEST].method == "ptp" and any("not x86-tsc" in n for n in s.reports[GUEST].notes)
+    assert cli.main(["check", str(out), "--no-holdout"]) == 0

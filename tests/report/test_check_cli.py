@@ -59,3 +59,33 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("vmtrace: error:") and "session.json" in err[0]
     assert cli.main(["check", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def _with_sync(session_dir, tmp_path, sync):
+    import shutil
+    d = tmp_path / "s"
+    shutil.copytree(session_dir, d)
+    meta = json.loads((d / "session.json").read_text())
+    name = next(iter(meta["guests"]))
+    meta["guests"][name]["sync"] = sync
+    (d / "session.json").write_text(json.dumps(meta))
+    (d / "host-vcpus.txt").write_text("")
+    return d, name
+
+
+def test_tcg_sync_on_another_clock_falls_back_with_a_note(session_dir, tmp_path, capsys):
+    d, name = _with_sync(session_dir, tmp_path, {"method": "tcg", "vcpu_threads": {"0": 4242},
+                                                 "file": "host-vcpus.txt", "anchors": []})
+    assert cli.main(["check", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "method ptp" in out and "tcg sync not used (guest traced with" in out
+
+
+def test_malformed_tcg_sync_is_one_error_line(session_dir, tmp_path, capsys):
+    for bad in ({"method": "tcg", "vcpu_threads": {"0": -5}, "file": "host-vcpus.txt"},
+                {"method": "tcg", "vcpu_threads": {"0": 5}, "file": "../etc/passwd"},
+                {"method": "tcg", "vcpu_threads": {"0": 5}, "file": "host-vcpus.txt", "anchors": [[1, 9, 2]]}):
+        d, name = _with_sync(session_dir, tmp_path / str(len(str(bad))), bad)
+        assert cli.main(["check", str(d)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vmtrace: error:") and name in err[0], err

@@ -8,6 +8,10 @@ interface and one module per method:
 * :mod:`vmtrace.clocksync.ptp` fits offset and drift from time probes (host send time,
   guest clock at receipt, host receive time), NTP/PTP style, with the round trip as the
   error bound. Works for any guest, including TCG.
+* :mod:`vmtrace.clocksync.tcg` is for QEMU TCG guests tracing with ``x86-tsc``: one
+  constant offset per run segment, found by requiring every guest event to fall inside
+  an on-CPU interval of its vCPU's host thread (:mod:`vmtrace.clocksync.containment`);
+  microseconds where probes give milliseconds.
 * :mod:`vmtrace.clocksync.kvm` is exact for KVM guests that trace with ``x86-tsc``: the
   TSC offset and scaling KVM programs into the vCPU, read from debugfs and followed
   through ``kvm_write_tsc_offset`` events.
@@ -43,6 +47,7 @@ __all__ = ["ClockMap", "IdentityMap", "PiecewiseOffsetMap", "SyncReport", "Vmtra
 METHODS = {
     "kvm": "vmtrace.clocksync.kvm",
     "ptp": "vmtrace.clocksync.ptp",
+    "tcg": "vmtrace.clocksync.tcg",
 }
 DEFAULT_METHOD = "ptp"
 
@@ -97,6 +102,7 @@ class SyncReport:
     drift_ppm: float = 0.0        # mean rate difference guest vs host
     segments: int = 0
     notes: list = field(default_factory=list)
+    evidence: dict = field(default_factory=dict)   # method-specific counts for `vmtrace check`
 
 
 class IdentityMap:

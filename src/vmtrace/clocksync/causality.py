@@ -46,6 +46,7 @@ class GuestCheck:
     violations: List[Violation] = field(default_factory=list)
     report: Optional[SyncReport] = None
     margin_ns: Optional[int] = None   # smallest distance of a mapped marker to its bounds
+    events_checked: int = 0           # guest events checked against their vCPU thread (tcg)
     notes: List[str] = field(default_factory=list)
 
 
@@ -75,7 +76,16 @@ def check_guest(session, name: str, cmap: Optional[ClockMap] = None, *, skew_ns:
     """Check one guest of a :class:`vmtrace.session.Session`."""
     gc = GuestCheck(name)
     pairs = session.probe_markers(name)
-    if holdout:
+    ev = _tcg_evidence(session, name) if holdout else None
+    if ev is not None:
+        # tcg: refit on every other guest event; check the others against their vCPU
+        # thread's running time, and every probe and order against the refitted map
+        from vmtrace.clocksync import tcg
+        cmap, gc.report, gc.events_checked, bad = tcg.holdout(ev)
+        for x, mapped, lo, hi in bad:
+            gc.violations.append(Violation(name, "guest event (raw ts %d) in its vCPU thread's off-CPU gap" % x,
+                                           mapped, lo, hi))
+    elif holdout:
         from vmtrace.clocksync import ptp
         fit_on = [(p[0], mts, p[2]) for i, (p, mts) in enumerate(pairs) if i % 2 == 0]
         if len(fit_on) < 2:
@@ -98,7 +108,32 @@ def check_guest(session, name: str, cmap: Optional[ClockMap] = None, *, skew_ns:
             _within(name, "probe" + ("" if seq is None else " seq=%s" % seq), h, int(p[0]), int(p[2]), gc)
             gc.probes_checked += 1
     _check_orders(session, name, cmap, gc)
+    if ev is None and getattr(cmap, "method", "") == "tcg":
+        ev = _tcg_evidence(session, name)
+        if ev is not None:
+            _check_containment(name, cmap, ev, gc)
     return gc
+
+
+def _check_containment(name: str, cmap, ev, gc: GuestCheck) -> None:
+    """Every guest event of the tcg method's evidence must be mapped inside a running
+    interval of its vCPU's host thread: one violation per event mapped into an
+    off-CPU gap (a map shifted past its bound puts the events at the band's edge there)."""
+    from vmtrace.clocksync import containment
+
+    bad = containment.gap_events(ev.g, ev.th, ev.on, cmap.offset_for)
+    gc.events_checked += len(ev.g)
+    for x, d in bad:
+        h = int(cmap.to_host(np.array([x], dtype=np.int64))[0])
+        ns = int(round(d / ev.clock.per_ns))
+        gc.violations.append(Violation(name, "guest event (raw ts %d) in its vCPU thread's off-CPU gap" % x,
+                                       h, h + ns, h + ns))
+
+
+def _tcg_evidence(session, name: str):
+    """The tcg method's evidence for this guest, when that method mapped it."""
+    session.clock_map(name)
+    return getattr(session, "_tcg_evidence", {}).get(name)
 
 
 def _marker_cpu(session, name: str, ts: int) -> int:

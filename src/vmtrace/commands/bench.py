@@ -161,5 +161,27 @@ def drain_cmd(seconds: Optional[float], reps: Optional[int], quick: bool, guests
                     guests=guests, streams=streams, rate_mb_s=rate_mb_s, progress=_say()), "drain", out)
 
 
+@command.command("sync")
+@click.option("--runs", type=int, default=3, show_default=True, help="Sessions per load level.")
+@click.option("--seconds", type=float, default=3.0, show_default=True, help="Workload length of each session.")
+@click.option("--load", "loads", multiple=True, type=click.IntRange(0, 16),
+              help="Busy loops on the host during a session (repeatable; default 0 and 2).")
+@click.option("--clock", default=None, help="Guest trace clock (default: the recorder's choice, x86-tsc).")
+@_out_option
+def sync_cmd(runs: int, seconds: float, loads: tuple, clock: Optional[str], out: Optional[Path]) -> None:
+    """Clock sync of the TCG lab guest, session after session: bound and hold-out per run."""
+    from vmtrace.bench import results, sync
+
+    doc = sync.run(runs=runs, seconds=seconds, loads=tuple(loads) or (0, 2), clock=clock, progress=_say())
+    results.attach_context(doc)
+    out_dir = out or results.DEFAULT_DIR
+    js = results.write_json(doc, out_dir, "sync")
+    png = sync.plot(doc, out_dir / "sync.png")
+    _stdout_console().print(sync.table(doc))
+    for k, v in doc["summary"].items():
+        _stdout_console().print("%s: %s" % (k, v))
+    _console().print("wrote %s%s" % (js, (" and %s" % png) if png else ""))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(command())

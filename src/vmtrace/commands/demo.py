@@ -122,6 +122,8 @@ def _show(out: Any, res: Any) -> None:
         files.add_row("timeline PNG", res.png)
     if res.html:
         files.add_row("timeline HTML", res.html)
+    if res.sync:
+        files.add_row("clock sync", res.sync)
     out.print(files)
     out.print("open them with:")
     out.print("  trace-cmd report -i %s | less" % q(dat), markup=False)

@@ -87,15 +87,20 @@ def _write(out: Optional[str], what: Any) -> Any:
 @click.option("--keep-going", is_flag=True, help="Skip corrupt pages, count them, report the rest.")
 @click.option("--formats", type=click.Path(file_okay=False), help="Guest tracefs copy (events/, header_page, header_event) for a raw directory without metadata.")
 @click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write a self-contained timeline page here.")
+@click.option("--steal", is_flag=True, help="A session: per vCPU, the time its host thread waited for a CPU "
+              "(steal), the longest wait and the host tasks that ran instead.")
 def command(file: str, fmt: str, out: Optional[str], events: Optional[str], cpu: Optional[str],
             sources: Optional[str], start: Optional[str], end: Optional[str], stats: bool, keep_going: bool,
-            formats: Optional[str], html: Optional[str]) -> None:
+            formats: Optional[str], html: Optional[str], steal: bool = False) -> None:
     """Decode a trace.dat, raw directory, -o stream or session and print it like `trace-cmd report`.
 
     A session directory from `vmtrace record` prints host and guests interleaved on the
     host's clock, each line tagged with its source.
     """
     from vmtrace import source as vsource
+    if steal:
+        _steal(file, _names(sources))
+        return
     export = registry()[fmt]
     if export.FORMAT.needs_file and not out:
         raise VmtraceError(f"--format {fmt} needs -o FILE")
@@ -120,3 +125,41 @@ def command(file: str, fmt: str, out: Optional[str], events: Optional[str], cpu:
             cpu0, first = problems[0]
             print(f"vmtrace: warning: {file}: skipped {len(problems)} corrupt page(s) "
                   f"(first: cpu{cpu0} offset {first.offset}: {first.what})", file=sys.stderr)
+
+
+def _steal(path: str, sources: Optional[list]) -> None:
+    """`--steal`: the per-vCPU table (clocksync/steal.py)."""
+    from vmtrace.clocksync import steal as st
+    from vmtrace.session import Session, is_session_dir
+
+    if not is_session_dir(path):
+        raise VmtraceError("--steal needs a session directory (vmtrace record --host-events), not %s" % path)
+    s = Session(path)
+    t0 = s.meta.get("started_ns") if isinstance(s.meta.get("started_ns"), int) else 0
+    t1 = s.meta.get("stopped_ns") if isinstance(s.meta.get("stopped_ns"), int) and s.meta["stopped_ns"] else 1 << 62
+    names = [n for n in s.guests if not sources or n in sources]
+    print("steal: per vCPU, its host thread's time between the first start order and the last stop "
+          "acknowledgement (steal = runnable but not running)")
+    print("%-10s %4s %8s %10s %10s %7s %12s %10s  %s" % ("guest", "vcpu", "thread", "running_s", "steal_s", "steal%",
+                                                         "longest_ms", "at_s", "top host tasks (preempted time)"))
+    for n in names:
+        try:
+            cpu2tid, by_tid = st.session_states(s, n, t0, t1)
+        except VmtraceError as exc:
+            print("%-10s %s" % (n, exc))
+            continue
+        shared = len(set(cpu2tid.values())) < len(cpu2tid)
+        for cpu, tid in sorted(cpu2tid.items()):
+            ts = by_tid[tid]
+            run, stolen = ts.total("running"), ts.steal
+            longest = ts.longest_steal
+            top = ", ".join("%s %.1f ms" % (o, d / 1e6) for o, d in ts.top_others())
+            print("%-10s %4s %8d %10.3f %10.3f %6.1f%% %12.3f %10s  %s" % (
+                n, "all" if shared else cpu, tid, run / 1e9, stolen / 1e9,
+                100.0 * stolen / (run + stolen) if run + stolen else 0.0,
+                (longest.end - longest.start) / 1e6 if longest else 0.0,
+                "%.6f" % ((longest.start - t0) / 1e9) if longest else "-", top or "-"))
+            if shared:
+                break
+        if shared:
+            print("%-10s (one host thread runs every vCPU, thread=single: steal is the guest's as a whole)" % "")

@@ -87,6 +87,11 @@ BUNDLE_BYTES = 256 << 10      # ... and bytes
 
 # TracePacket fields
 _P_FTRACE, _P_SYSTEM_INFO, _P_MACHINE, _P_REMOTE_SYNC = 1, 45, 98, 107
+# TracePacket.timestamp, trusted_packet_sequence_id, track_event, sequence_flags, track_descriptor
+_P_TS, _P_SEQ_ID, _P_TRACK_EVENT, _P_SEQ_FLAGS, _P_TRACK_DESC = 8, 10, 11, 13, 60
+_SEQ_CLEARED, _SEQ_NEEDS = 1, 2          # TracePacket.SequenceFlags
+_SLICE_BEGIN, _SLICE_END = 1, 2          # TrackEvent.Type
+_VCPU_SEQ = 15                           # our packet sequence for the vCPU-thread tracks
 _K_PACKET = pw.key(1, pw.LEN)                      # Trace.packet
 _K_EVENT = pw.key(2, pw.LEN)                       # FtraceEventBundle.event
 _K_TS, _K_PID = pw.key(1, pw.VARINT), pw.key(2, pw.VARINT)   # FtraceEvent
@@ -354,12 +359,69 @@ def _machine_name(identity: Tuple[str, str]) -> Optional[str]:
     return None if (kind, name) == ("trace", "trace") else name
 
 
-def write_perfetto(events: Any, path: str, *, name: Optional[str] = None) -> str:
+def _session_of(x: Any) -> Any:
+    """The vmtrace.session.Session behind a session path or Source, else None."""
+    from vmtrace.session import Session, is_session_dir
+    from vmtrace.source import is_source
+    if isinstance(x, (str, os.PathLike)):
+        return Session(os.fspath(x)) if is_session_dir(os.fspath(x)) else None
+    if is_source(x) and getattr(x, "kind", "") == "session":
+        return x.session
+    return None
+
+
+def vcpu_track_packets(session: Any) -> Iterator[bytes]:
+    """TracePacket bodies for one track per guest vCPU host thread (clocksync/steal.py):
+    a ``TrackDescriptor`` named ``NAME vCPU N: host thread TID`` on the host machine,
+    and ``TrackEvent`` slices ``vCPU running`` / ``steal (ran: TASK)`` / ``steal
+    (waking)``, on the session's clock like everything else in the file."""
+    from vmtrace.clocksync import steal
+
+    seq = pw.integer(_P_SEQ_ID, "uint32", _VCPU_SEQ)
+    first = True
+    uuid = 0x7615_0000
+    for name in session.guests:
+        if "vcpu_threads" not in (session.source(name).sync or {}):
+            continue
+        try:
+            cpu2tid, by_tid = steal.session_states(session, name)
+        except VmtraceError:
+            continue
+        shared = len(set(cpu2tid.values())) < len(cpu2tid)     # thread=single: one thread, one track
+        for cpu, tid in sorted(cpu2tid.items()):
+            if shared and cpu != min(cpu2tid):
+                continue
+            uuid += 1
+            label = "%s vCPUs: host thread %d" % (name, tid) if shared else "%s vCPU %d: host thread %d" % (name, cpu, tid)
+            desc = pw.message(_P_TRACK_DESC, [pw.integer(1, "uint64", uuid), pw.string(2, label)])
+            flags = pw.integer(_P_SEQ_FLAGS, "uint32", _SEQ_CLEARED if first else _SEQ_NEEDS)
+            first = False
+            yield seq + flags + desc
+            for sp in by_tid[tid].spans:
+                if sp.state == "running":
+                    label = "vCPU running"
+                elif sp.state == "preempted":
+                    label = "steal (ran: %s)" % sp.other
+                elif sp.state == "waking":
+                    label = "steal (waking)"
+                else:
+                    continue
+                for ts, kind in ((sp.start, _SLICE_BEGIN), (sp.end, _SLICE_END)):
+                    parts = [pw.integer(9, "int32", kind), pw.integer(11, "uint64", uuid)]
+                    if kind == _SLICE_BEGIN:
+                        parts.append(pw.string(23, label))
+                    yield (pw.integer(_P_TS, "uint64", max(int(ts), 0)) + seq
+                           + pw.integer(_P_SEQ_FLAGS, "uint32", _SEQ_NEEDS) + pw.message(_P_TRACK_EVENT, parts))
+
+
+def write_perfetto(events: Any, path: str, *, name: Optional[str] = None, session: Any = None) -> str:
     """Write a Perfetto protobuf trace (``.perfetto-trace``/``.pftrace``) and return its path.
 
     ``events``: a path, a Source (:mod:`vmtrace.source`), or events in time order (e.g.
     a session's). ``name`` names the machine of a single trace (default: from
-    session.json beside it, or the trace's hostname)."""
+    session.json beside it, or the trace's hostname). A session (``session``, or a
+    session path or Source as ``events``) also gets its vCPU host-thread tracks
+    (:func:`vcpu_track_packets`)."""
     d = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(d, exist_ok=True)
@@ -372,6 +434,10 @@ def write_perfetto(events: Any, path: str, *, name: Optional[str] = None) -> str
             for e in evs:
                 w.add(e)
             w.close()
+            session = session if session is not None else _session_of(events)
+            if session is not None:
+                for body in vcpu_track_packets(session):
+                    w._packet(0, body)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)         # no half-written trace left behind
@@ -387,5 +453,6 @@ def write(source: Any, out: str, selection: Any) -> Optional[str]:
     """The registry's entry: the selection of ``source`` as a Perfetto trace."""
     tally = Tally()
     name = None if source.kind == "session" else _machine_name(source.identity)
-    write_perfetto(tally.watch(source.events(**selection.kwargs())), out, name=name)
+    write_perfetto(tally.watch(source.events(**selection.kwargs())), out, name=name,
+                   session=getattr(source, "session", None) if source.kind == "session" else None)
     return tally.summary(out)

@@ -107,6 +107,8 @@ class Timeline:
             return "host CPU %d" % cpu if name == "host" else "host %s CPU %d" % (name, cpu)
         if kind == "guest":
             return "guest %s vCPU %d" % (name, cpu)
+        if kind == "vcpu-thread":
+            return "%s vCPU %d: host thread" % (name, cpu) if cpu >= 0 else "%s vCPUs: host thread" % name
         return "%s CPU %d" % (name, cpu)
 
     # -- object views (tests, the Chrome exporter) -----------------------------------
@@ -190,7 +192,7 @@ def _default_identity(source: str) -> Tuple[str, str]:
 
 
 def _order_tracks(tl: Timeline, tracks: Iterable[Track]) -> List[Track]:
-    rank = {"host": 0, "trace": 1, "guest": 2}
+    rank = {"host": 0, "trace": 1, "vcpu-thread": 2, "guest": 3}
     return sorted(tracks, key=lambda t: (rank.get(tl.kind(t[0]), 3), t[0], t[1]))
 
 
@@ -436,7 +438,9 @@ def model(x: Any, *, max_instants: Optional[int] = None, fields: bool = False,
         return build(x, max_instants=max_instants, fields=fields)
     sel = selection.kwargs() if selection is not None else {}
     if x.kind == "session":
-        return build(x.events(**sel), max_instants=max_instants, fields=fields)
+        tl = build(x.events(**sel), max_instants=max_instants, fields=fields)
+        add_vcpu_tracks(tl, x.session)
+        return tl
     if not fields and (selection is None or selection.everything):
         return from_trace(x)
     kind, name = x.identity
@@ -444,6 +448,53 @@ def model(x: Any, *, max_instants: Optional[int] = None, fields: bool = False,
     clock = (x.source.options or {}).get("clock")
     tl.clock = "trace clock %s" % clock if clock else "trace clock"
     return tl
+
+
+STEAL_COMM = "steal (runnable, not running)"
+
+
+def add_vcpu_tracks(tl: Timeline, session: Any) -> None:
+    """Per guest recorded with the host's vCPU-thread record (clocksync/steal.py), one
+    track per vCPU host thread above the guest's vCPUs: a slice ``vCPU running`` while
+    the thread ran, ``steal (ran: TASK)`` while it was runnable but another host task
+    had the CPU (``steal (waking)`` after a wake-up), nothing while it slept."""
+    from vmtrace.clocksync import steal as st
+
+    new: List[Tuple[Track, int, int, Tuple[int, str]]] = []
+    for name in session.guests:
+        if "vcpu_threads" not in ((session.source(name).sync) or {}):
+            continue
+        try:
+            cpu2tid, by_tid = st.session_states(session, name, tl.start, tl.end)
+        except VmtraceError:
+            continue
+        src = name + "/vcpu-threads"
+        tl.sources[src] = ("vcpu-thread", name)
+        shared = len(set(cpu2tid.values())) < len(cpu2tid)
+        for cpu, tid in sorted(cpu2tid.items()):
+            trk = (src, -1 if shared else cpu)
+            for sp in by_tid[tid].spans:
+                if sp.state == "running":
+                    task = (tid, "vCPU running")
+                elif sp.state in st.STEAL_STATES:
+                    # one task, so steal has one colour; who ran instead is on the host
+                    # CPU tracks at the same time, and in `vmtrace report --steal`
+                    task = (-1, STEAL_COMM)
+                else:
+                    continue
+                new.append((trk, sp.start, sp.end, task))
+            if shared:
+                break
+    if not new:
+        return
+    tracks = list(tl.tracks)
+    task_ix = {t: i for i, t in enumerate(tl.tasks)}
+    st_, ss, se, sk = tl.s_track.tolist(), tl.s_start.tolist(), tl.s_end.tolist(), tl.s_task.tolist()
+    for trk, a, b, task in new:
+        if trk not in tracks:
+            tracks.append(trk)
+        st_.append(tracks.index(trk)), ss.append(a), se.append(b), sk.append(_index(task_ix, task))
+    _finish(tl, tracks, (st_, ss, se, sk), task_ix)
 
 
 def color_of(comm: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Dict, Generator, Optional
 
 from vmtrace import protocol
 from vmtrace.errors import VmtraceError
+from vmtrace.host import vcpusync
 from vmtrace.host.control import Request
 from vmtrace.host.guestdata import (check_cpu_stats, check_hello, check_meta, check_probe, check_stats,
                                     clock_name, short, text)
@@ -70,9 +71,12 @@ def _negotiate(g: Guest, opts: Options, hello: protocol.Message) -> Task:
         g.problem("agent traces CPUs %s but only %d data ports were prepared" % (short(missing), g.layout.cpus))
     conf: Dict[str, Any] = {}
     events = opts.host_events if g.process else opts.events
+    served = bool(g.sync) and g.sync.get("method") in ("tcg", "kvm")   # host/vcpusync.py
+    if events and served and g.sync.get("method") == "tcg":
+        events = list(events) + [e for e in vcpusync.GUEST_SYNC_EVENTS if e not in events]
     if events:
         conf["events"] = list(events)
-    clock = "mono" if g.process else opts.clock
+    clock = "mono" if g.process else (opts.clock or ("x86-tsc" if served else None))
     if clock:
         conf["clock"] = clock
     if opts.buffer_kb:

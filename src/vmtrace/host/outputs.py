@@ -93,6 +93,8 @@ def guest_entry(g: Guest) -> Dict[str, Any]:
         # what the guest said about itself: checked, never used in place of the above
         "guest": {"hello": g.info, "meta": g.meta.get("guest", {}), "agent": g.agent_info},
     }
+    if g.sync:
+        entry["sync"] = g.sync
     if link is not None:
         entry["control"] = {"received": link.received, "malformed": link.decoder.errors,
                             "unsolicited": link.unsolicited, "late": link.late, "not_sent": link.not_sent}

@@ -124,6 +124,7 @@ class Recording:
         try:
             if self.opts.host_events:
                 self._spawn_host_agent()
+                self._start_vcpu_sync()
             for g in self.guests.values():
                 self._open(g)
             self.drainer.start()
@@ -135,6 +136,7 @@ class Recording:
                     g.task = conversation.finish(g, self.opts)
             self._drive(stopping=True)
         finally:
+            self._stop_vcpu_sync()
             self.drainer.stop()
             for g in self.guests.values():
                 self._close(g)
@@ -315,6 +317,61 @@ class Recording:
             + ([] if self.opts.kallsyms else ["--no-kallsyms"]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.guests[HOST_NAME] = g
+
+    def _start_vcpu_sync(self) -> None:
+        """With host events, record what puts TCG guests on the host's clock to the
+        microsecond (host/vcpusync.py); a guest it cannot serve keeps the probe fit,
+        and session.json says why."""
+        from vmtrace.host import vcpusync
+
+        self.vcpu_rec = None
+        self._sync_plans: Dict[str, Dict[str, Any]] = {}
+        tids, kvm_tids = [], []
+        for g in self.guests.values():
+            if g.process is not None:
+                continue
+            plan, why = vcpusync.plan(g.layout.path, g.layout.cpus)
+            if plan is None:
+                g.sync = {"method": "ptp", "why": why}
+                continue
+            self._sync_plans[g.name] = plan
+            g.sync = dict(plan)
+            g.sync.pop("kvm_dir", None)
+            threads = list((plan.get("vcpu_threads") or {}).values())
+            tids += threads
+            if plan["method"] == "kvm":
+                kvm_tids += threads
+        if not self._sync_plans:
+            return
+        try:
+            self.vcpu_rec = vcpusync.VcpuRecord(self.outdir, tids, kvm_tids)
+            self.vcpu_rec.start()
+        except (OSError, VmtraceError) as exc:
+            self.vcpu_rec = None
+            for g in self.guests.values():
+                if g.name in self._sync_plans:
+                    g.sync = {"method": "ptp", "why": "host vCPU record not started: %s" % exc}
+            self._sync_plans = {}
+
+    def _stop_vcpu_sync(self) -> None:
+        from vmtrace.host import vcpusync
+
+        rec = getattr(self, "vcpu_rec", None)
+        if rec is None:
+            return
+        self.vcpu_rec = None
+        doc = rec.stop()
+        for g in self.guests.values():
+            plan = self._sync_plans.get(g.name)
+            if plan is None:
+                continue
+            if plan["method"] == "kvm":
+                try:
+                    g.sync = vcpusync.kvm_section(plan, doc, rec.path)
+                except VmtraceError as exc:
+                    g.sync = {"method": "ptp", "why": "KVM TSC offsets not read: %s" % exc}
+            else:
+                g.sync.update(doc)
 
     def _open(self, g: Guest) -> None:
         os.makedirs(g.raw, mode=0o750)

@@ -82,6 +82,7 @@ class Guest:
     seq: int = 0
     order_seq: int = 0
     bad_probes: int = 0
+    sync: Optional[Dict[str, Any]] = None   # host-side clock sync plan (host/vcpusync.py)
     bad_stats: int = 0
     arrived_ns: int = 0   # when the last reply waited for by a task arrived
     link_noted: bool = False

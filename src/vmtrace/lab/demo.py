@@ -158,7 +158,15 @@ class AgentGuest:
         self.lines: List[str] = []
         self._cond = threading.Condition()
         self._user_on_line = on_line
-        self.guest = Guest(image, script=script, qemu_args=self.layout.qemu_args(), smp=smp,
+        # QMP and named threads let the recorder map each vCPU to its host thread
+        # (host/vcpusync.py: the microsecond clock sync and the steal tracks)
+        # in a short directory of its own: a unix socket path holds at most 107 bytes,
+        # and a test's workdir can be longer
+        self._qmp_dir = tempfile.mkdtemp(prefix="vmtq-")
+        self.qmp = Path(self._qmp_dir) / "qmp.sock"
+        qemu_args = self.layout.qemu_args() + ["-name", "%s,debug-threads=on" % name,
+                                               "-qmp", "unix:%s,server=on,wait=off" % self.qmp]
+        self.guest = Guest(image, script=script, qemu_args=qemu_args, smp=smp,
                            memory_mb=memory_mb, accel=accel, workdir=self.workdir / "qemu",
                            on_line=self._on_line)
 
@@ -208,6 +216,7 @@ class AgentGuest:
 
     def close(self) -> None:
         self.guest.close()
+        shutil.rmtree(self._qmp_dir, ignore_errors=True)
 
 
 # -- the demo ---------------------------------------------------------------------------------
@@ -244,6 +253,7 @@ class DemoResult:
     agent_lost: int
     timings: Dict[str, float] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
+    sync: str = ""          # the merged timeline's clock sync bound, as the title says it
 
 
 class Ui:
@@ -298,6 +308,20 @@ def _stream_totals(session: Any) -> tuple[int, int]:
             nbytes += int(st["written"])
             pages += int(st["pages"])
     return nbytes, pages
+
+
+def _sync_bound(outdir: str) -> str:
+    """`; guest on host clock within +-X us (method)` for the merged timeline's title."""
+    from vmtrace.session import Session
+    try:
+        s = Session(outdir)
+        s.clock_map(GUEST_NAME)
+        r = s.reports.get(GUEST_NAME)
+    except VmtraceError as exc:
+        return "; guest not on the host's clock (%s)" % str(exc)[:80]
+    if r is None:
+        return ""
+    return "; guest on the host's clock within +-%.1f us (%s)" % (r.max_error_ns / 1000.0, r.method)
 
 
 def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
@@ -388,9 +412,10 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
     from vmtrace.export.html import write_timeline
 
     source = outdir if host_dat else dat
+    sync = _sync_bound(outdir) if host_dat else ""
     try:
-        write_timeline(source, png, html, title="vmtrace demo: guest %s (%d vCPU, %s), %g s"
-                       % (GUEST_NAME, opts.smp, accel.upper(), opts.seconds))
+        write_timeline(source, png, html, title="vmtrace demo: guest %s (%d vCPU, %s), %g s%s"
+                       % (GUEST_NAME, opts.smp, accel.upper(), opts.seconds, sync))
     except VmtraceError as exc:
         problems.append("timeline not drawn: %s" % exc)
         png = html = None
@@ -406,7 +431,7 @@ def run_demo(opts: DemoOptions, ui: Optional[Ui] = None,
                         ready=ready, session=doc, stats=stats, report=report, scores=scores,
                         bytes=sum(int(s["written"]) for s in host_stats.values()),
                         pages=sum(int(s["pages"]) for s in host_stats.values()),
-                        agent_lost=agent_lost, timings=timings, problems=problems)
+                        agent_lost=agent_lost, timings=timings, problems=problems, sync=sync.lstrip("; "))
     files = [os.path.basename(p) for p in (dat, host_dat, png, html) if p] + ["session.json"]
     with open(os.path.join(outdir, MARKER), "w") as f:
         json.dump({"files": files, "seconds": opts.seconds, "accel": accel, "scores": scores,
