@@ -131,15 +131,18 @@ def test_pump_priority_sets_sched_fifo(inst, tmp_path):  # noqa: F811
                     continue
                 fields = stat[stat.rfind(b")") + 2:].split()
                 policies[tid] = (int(fields[38]), int(fields[37]))   # policy, rt_priority
-            if len(policies) > len(inst.cpus()) or time.monotonic() > deadline:
+            fifo = [t for t, v in policies.items() if v == (os.SCHED_FIFO, 3)]
+            if len(fifo) >= len(inst.cpus()) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     finally:
         err = finish(p, signal.SIGINT)
-    # the main thread (tid == pid) keeps normal scheduling; every other thread is a pump
+    # the main thread (tid == pid) keeps normal scheduling; one pump per CPU runs at
+    # SCHED_FIFO 3 (other helper threads, if any, keep normal scheduling)
     assert policies.pop(p.pid) == (0, 0), err
-    assert len(policies) == len(inst.cpus()), policies
-    assert all(v == (os.SCHED_FIFO, 3) for v in policies.values()), (policies, err)
+    fifo = [t for t, v in policies.items() if v == (os.SCHED_FIFO, 3)]
+    assert len(fifo) == len(inst.cpus()), (policies, err)
+    assert all(v in ((os.SCHED_FIFO, 3), (0, 0)) for v in policies.values()), (policies, err)
 
 
 def test_bad_pump_priority_is_one_line():
